@@ -1,0 +1,49 @@
+# abuse: build the module, run the tests, run the demo.
+#
+#   make test    install what is missing, build, run host + kernel tiers
+#   make run     install what is missing, build, serve a 10G memory disk
+#
+# The kernel tier runs in a TCG guest (virtme-ng) when the running
+# kernel cannot load modules.  KVER names the kernel to build for.
+
+KVER ?= $(shell scripts/guest-kernel 2>/dev/null)
+KDIR ?= /lib/modules/$(KVER)/build
+PYTHON := .venv/bin/python
+PYTEST := $(PYTHON) -m pytest -p no:cacheprovider
+
+.PHONY: all deps module test test-host test-kernel run check clean load unload
+
+all: module
+
+deps:
+	scripts/bootstrap
+
+module:
+	@test -n "$(KVER)" || { echo "no guest kernel: run make deps" >&2; exit 1; }
+	$(MAKE) -C $(KDIR) M=$(CURDIR)/kernel modules
+
+# Recursive so that KVER is read after deps has installed the kernel.
+test: deps
+	$(MAKE) module
+	$(MAKE) test-host
+	$(MAKE) test-kernel
+
+test-host:
+	$(PYTEST) -q tests --ignore=tests/kernel
+
+test-kernel:
+	scripts/kernel-tier
+
+run: deps
+	$(MAKE) module
+	scripts/kernel-tier --run
+
+load:
+	insmod kernel/abuse.ko
+
+unload:
+	rmmod abuse
+
+clean:
+	$(MAKE) -C $(KDIR) M=$(CURDIR)/kernel clean
+	rm -rf build

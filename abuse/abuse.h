@@ -1,0 +1,1 @@
+../kernel/abuse.h

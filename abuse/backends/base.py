@@ -1,0 +1,61 @@
+"""The Backend interface every device implements."""
+
+from __future__ import annotations
+
+from types import TracebackType
+
+__all__ = ["Backend"]
+
+_ZEROES = bytes(1 << 20)
+
+
+class Backend:
+    """Base class of a disk's storage.
+
+    Subclasses set ``size`` (bytes) and override :meth:`read` and
+    :meth:`write`; the rest have working defaults.  The capability flags
+    say what the disk should advertise at CREATE.
+    """
+
+    can_flush = False
+    can_discard = False
+    can_write_zeroes = False
+
+    size: int = 0
+
+    def read(self, offset: int, buf: memoryview) -> None:
+        """Fill ``buf`` with the bytes at ``offset``."""
+        raise NotImplementedError
+
+    def write(self, offset: int, data: memoryview) -> None:
+        """Store ``data`` at ``offset``."""
+        raise NotImplementedError
+
+    def flush(self) -> None:
+        """Make every completed write durable."""
+
+    def discard(self, offset: int, length: int) -> None:
+        """Forget ``length`` bytes at ``offset`` (they may read as anything)."""
+
+    def write_zeroes(self, offset: int, length: int) -> None:
+        """Make ``length`` bytes at ``offset`` read as zeroes."""
+        view = memoryview(_ZEROES)
+        end = offset + length
+        while offset < end:
+            chunk = min(end - offset, len(view))
+            self.write(offset, view[:chunk])
+            offset += chunk
+
+    def close(self) -> None:
+        """Release what the backend holds."""
+
+    def __enter__(self) -> Backend:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()

@@ -1,0 +1,1214 @@
+// SPDX-License-Identifier: GPL-2.0
+/*
+ * abuse: A Block device in User SpacE.
+ *
+ * Every request to /dev/abuseN is put on a per-disk queue.  Worker
+ * processes open the control device /dev/abuse, ATTACH to a disk, and
+ * move requests with two ioctls: GET hands out a batch (copying write
+ * payloads into the caller's buffer), PUT completes a batch (copying
+ * read data back).  There is no session: a request held by a file that
+ * is closed, or unanswered past its timeout, goes back to the queue
+ * with a new generation, so a late answer from its old holder is
+ * refused and every request is completed exactly once.
+ *
+ * Descends from the 2009 aBUSE patch; the batching follows ublk.
+ */
+#define pr_fmt(fmt) KBUILD_MODNAME ": " fmt
+
+#include <linux/module.h>
+#include <linux/blk-mq.h>
+#include <linux/blkdev.h>
+#include <linux/highmem.h>
+#include <linux/idr.h>
+#include <linux/kref.h>
+#include <linux/miscdevice.h>
+#include <linux/poll.h>
+#include <linux/sched/signal.h>
+#include <linux/slab.h>
+#include <linux/uaccess.h>
+#include <linux/version.h>
+#include <linux/wait.h>
+
+#include "abuse.h"
+
+/* The block layer needs a timer; with timeout 0 it only rearms. */
+#define ABUSE_IDLE_TIMER	(30 * HZ)
+#define ABUSE_MAX_TIMEOUT_MS	(24U * 3600 * 1000)
+#define ABUSE_MAX_RETRIES	1000
+/* PUT reads replies in chunks this big onto the stack. */
+#define ABUSE_PUT_CHUNK		16
+
+/*
+ * Where a request is.  Only the holder of dev->lock moves a request
+ * between states, and only the path that moves it to IDLE ends it.
+ */
+enum abuse_cmd_state {
+	ABUSE_CMD_IDLE,		/* not ours: never queued, or being ended */
+	ABUSE_CMD_QUEUED,	/* on dev->queue, waiting for a GET */
+	ABUSE_CMD_IN_FLIGHT,	/* handed to a worker, waiting for its PUT */
+	ABUSE_CMD_BUSY,		/* a GET or PUT copies its data, lock dropped */
+};
+
+/* Per-request driver data (blk-mq pdu). */
+struct abuse_cmd {
+	struct list_head node;	/* on dev->queue while QUEUED */
+	struct file *holder;	/* IN_FLIGHT/BUSY: owner, compared, never used */
+	u32 gen;		/* handle generation, bumped at every hand-out */
+	u32 timeouts;		/* timer expiries in this request's life */
+	u8 state;		/* enum abuse_cmd_state */
+	bool fail_pending;	/* BUSY: end with -EIO once the copy is done */
+};
+
+/*
+ * struct abuse_device - one /dev/abuseN.
+ *
+ * Lock order: abuse_ctl_mutex, then disk->open_mutex, then @lock.
+ * Lifetime: @kref has one reference for the gendisk (dropped by
+ * ->free_disk) and one per attached file.  The tag set and @rqs live
+ * until the last reference goes.
+ */
+struct abuse_device {
+	struct blk_mq_tag_set tag_set;
+	struct gendisk *disk;
+	struct kref kref;
+	wait_queue_head_t wait;		/* GET waiters (exclusive) and poll */
+
+	spinlock_t lock;		/* protects all below and each abuse_cmd */
+	struct abuse_config config;	/* size and read-only change online */
+	struct abuse_counters stats;	/* queued/in_flight/attached: current */
+	struct list_head queue;		/* QUEUED requests, oldest first */
+	struct request **rqs;		/* by tag: every request not IDLE */
+	bool dead;			/* destroyed: fail everything */
+};
+
+static DEFINE_MUTEX(abuse_ctl_mutex);	/* protects abuse_index_idr */
+static DEFINE_IDR(abuse_index_idr);
+
+static inline struct abuse_cmd *abuse_cmd(struct request *rq)
+{
+	return blk_mq_rq_to_pdu(rq);
+}
+
+static inline u64 abuse_handle(struct request *rq)
+{
+	return (u64)abuse_cmd(rq)->gen << 32 | rq->tag;
+}
+
+/* Move @rq to @state and keep the counters true.  Must hold dev->lock. */
+static void abuse_set_state(struct abuse_device *dev, struct request *rq,
+			    enum abuse_cmd_state state)
+	__must_hold(&dev->lock)
+{
+	struct abuse_cmd *cmd = abuse_cmd(rq);
+
+	lockdep_assert_held(&dev->lock);
+	if (cmd->state == ABUSE_CMD_QUEUED) {
+		list_del_init(&cmd->node);
+		dev->stats.queued--;
+	} else if (cmd->state != ABUSE_CMD_IDLE) {
+		dev->stats.in_flight--;
+	}
+
+	cmd->state = state;
+	if (state == ABUSE_CMD_QUEUED)
+		dev->stats.queued++;
+	else if (state != ABUSE_CMD_IDLE)
+		dev->stats.in_flight++;
+}
+
+/*
+ * Put @rq back on the queue with a new generation, so that a PUT from
+ * its old holder is refused.  Must hold dev->lock.
+ */
+static void abuse_requeue(struct abuse_device *dev, struct request *rq)
+	__must_hold(&dev->lock)
+{
+	struct abuse_cmd *cmd = abuse_cmd(rq);
+
+	abuse_set_state(dev, rq, ABUSE_CMD_QUEUED);
+	cmd->gen++;
+	cmd->holder = NULL;
+	/* It was handed out before anything now queued: serve it first. */
+	list_add(&cmd->node, &dev->queue);
+	dev->stats.requeued++;
+}
+
+/*
+ * Take @rq from the driver's hands with @status; the caller ends it
+ * after dropping the lock.  Must hold dev->lock.
+ */
+static void abuse_retire(struct abuse_device *dev, struct request *rq,
+			 blk_status_t status)
+	__must_hold(&dev->lock)
+{
+	struct abuse_cmd *cmd = abuse_cmd(rq);
+
+	abuse_set_state(dev, rq, ABUSE_CMD_IDLE);
+	cmd->gen++;
+	dev->rqs[rq->tag] = NULL;
+	dev->stats.completed++;
+	if (status != BLK_STS_OK)
+		dev->stats.errors++;
+}
+
+/* End every request on @done with -EIO.  Called without dev->lock. */
+static void abuse_end_list(struct list_head *done)
+{
+	struct abuse_cmd *cmd, *next;
+
+	list_for_each_entry_safe(cmd, next, done, node) {
+		list_del_init(&cmd->node);
+		blk_mq_end_request(blk_mq_rq_from_pdu(cmd), BLK_STS_IOERR);
+	}
+}
+
+/*
+ * Fail every request of @dev that matches: queued ones if @queued,
+ * in-flight ones if @in_flight (only those of @holder unless NULL).
+ * Requests being copied are failed by their copier.  Must hold dev->lock;
+ * the caller ends @done after unlocking.
+ */
+static void abuse_fail_requests(struct abuse_device *dev,
+				struct list_head *done)
+	__must_hold(&dev->lock)
+{
+	unsigned int tag;
+
+	for (tag = 0; tag < dev->config.queue_depth; tag++) {
+		struct request *rq = dev->rqs[tag];
+		struct abuse_cmd *cmd;
+
+		if (!rq)
+			continue;
+		cmd = abuse_cmd(rq);
+		if (cmd->state == ABUSE_CMD_BUSY) {
+			cmd->fail_pending = true;
+			continue;
+		}
+		abuse_retire(dev, rq, BLK_STS_IOERR);
+		list_add_tail(&cmd->node, done);
+	}
+}
+
+/*
+ * Requeue the in-flight requests of @holder, or all of them if NULL.
+ * Must hold dev->lock.  Returns how many went back.
+ */
+static unsigned int abuse_requeue_in_flight(struct abuse_device *dev,
+					    struct file *holder)
+	__must_hold(&dev->lock)
+{
+	unsigned int tag, count = 0;
+
+	for (tag = 0; tag < dev->config.queue_depth; tag++) {
+		struct request *rq = dev->rqs[tag];
+
+		if (!rq || abuse_cmd(rq)->state != ABUSE_CMD_IN_FLIGHT)
+			continue;
+		if (holder && abuse_cmd(rq)->holder != holder)
+			continue;
+		abuse_requeue(dev, rq);
+		count++;
+	}
+	return count;
+}
+
+/* ---------------------------------------------------------------------
+ * blk-mq side
+ */
+
+static blk_status_t abuse_queue_rq(struct blk_mq_hw_ctx *hctx,
+				   const struct blk_mq_queue_data *bd)
+{
+	struct abuse_device *dev = hctx->queue->queuedata;
+	struct request *rq = bd->rq;
+	struct abuse_cmd *cmd = abuse_cmd(rq);
+	unsigned long flags;
+
+	switch (req_op(rq)) {
+	case REQ_OP_READ:
+	case REQ_OP_WRITE:
+	case REQ_OP_FLUSH:
+	case REQ_OP_DISCARD:
+	case REQ_OP_WRITE_ZEROES:
+		break;
+	default:
+		return BLK_STS_NOTSUPP;
+	}
+
+	blk_mq_start_request(rq);
+
+	spin_lock_irqsave(&dev->lock, flags);
+	if (dev->dead) {
+		spin_unlock_irqrestore(&dev->lock, flags);
+		return BLK_STS_IOERR;
+	}
+	cmd->holder = NULL;
+	cmd->timeouts = 0;
+	cmd->fail_pending = false;
+	dev->rqs[rq->tag] = rq;
+	abuse_set_state(dev, rq, ABUSE_CMD_QUEUED);
+	list_add_tail(&cmd->node, &dev->queue);
+	spin_unlock_irqrestore(&dev->lock, flags);
+
+	/* Wakes one exclusive GET waiter, and every poller. */
+	wake_up(&dev->wait);
+	return BLK_STS_OK;
+}
+
+/*
+ * Timer expiry.  A queued or in-flight request is requeued up to
+ * config.retries times, then failed, so a disk with no worker still
+ * answers in bounded time.  With timeout 0 the timer only rearms.
+ */
+static enum blk_eh_timer_return abuse_timeout(struct request *rq)
+{
+	struct abuse_device *dev = rq->q->queuedata;
+	struct abuse_cmd *cmd = abuse_cmd(rq);
+	enum blk_eh_timer_return ret = BLK_EH_RESET_TIMER;
+	bool requeued = false, failed = false;
+	unsigned long flags;
+
+	spin_lock_irqsave(&dev->lock, flags);
+	if (!dev->config.timeout_ms || dev->rqs[rq->tag] != rq ||
+	    (cmd->state != ABUSE_CMD_QUEUED &&
+	     cmd->state != ABUSE_CMD_IN_FLIGHT))
+		goto out_unlock;
+
+	dev->stats.timeouts++;
+	if (++cmd->timeouts > dev->config.retries) {
+		abuse_retire(dev, rq, BLK_STS_IOERR);
+		failed = true;
+	} else if (cmd->state == ABUSE_CMD_IN_FLIGHT) {
+		abuse_requeue(dev, rq);
+		requeued = true;
+	}
+out_unlock:
+	spin_unlock_irqrestore(&dev->lock, flags);
+
+	if (failed) {
+		blk_mq_end_request(rq, BLK_STS_IOERR);
+		ret = BLK_EH_DONE;
+	} else if (requeued) {
+		wake_up(&dev->wait);
+	}
+	return ret;
+}
+
+static int abuse_init_request(struct blk_mq_tag_set *set, struct request *rq,
+			      unsigned int hctx_idx, unsigned int numa_node)
+{
+	struct abuse_cmd *cmd = abuse_cmd(rq);
+
+	INIT_LIST_HEAD(&cmd->node);
+	cmd->state = ABUSE_CMD_IDLE;
+	return 0;
+}
+
+static const struct blk_mq_ops abuse_mq_ops = {
+	.queue_rq	= abuse_queue_rq,
+	.timeout	= abuse_timeout,
+	.init_request	= abuse_init_request,
+};
+
+/* Refuse new openers of a disk being destroyed.  Under disk->open_mutex. */
+static int abuse_bdev_open(struct block_device *bdev, fmode_t mode)
+{
+	struct abuse_device *dev = bdev->bd_disk->private_data;
+	bool dead;
+
+	spin_lock_irq(&dev->lock);
+	dead = dev->dead;
+	spin_unlock_irq(&dev->lock);
+	return dead ? -ENXIO : 0;
+}
+
+static void abuse_dev_release(struct kref *kref)
+{
+	struct abuse_device *dev = container_of(kref, struct abuse_device,
+						kref);
+
+	blk_mq_free_tag_set(&dev->tag_set);
+	kfree(dev->rqs);
+	kfree(dev);
+}
+
+static void abuse_free_disk(struct gendisk *disk)
+{
+	struct abuse_device *dev = disk->private_data;
+
+	kref_put(&dev->kref, abuse_dev_release);
+}
+
+static const struct block_device_operations abuse_bdev_ops = {
+	.owner		= THIS_MODULE,
+	.open		= abuse_bdev_open,
+	.free_disk	= abuse_free_disk,
+};
+
+/* /sys/block/abuseN/abuse/<counter> */
+#define ABUSE_COUNTER_ATTR(name)					\
+static ssize_t name##_show(struct device *d,				\
+			   struct device_attribute *attr, char *buf)	\
+{									\
+	struct abuse_device *dev = dev_to_disk(d)->private_data;	\
+	u64 val;							\
+									\
+	spin_lock_irq(&dev->lock);					\
+	val = dev->stats.name;						\
+	spin_unlock_irq(&dev->lock);					\
+	return sysfs_emit(buf, "%llu\n", val);				\
+}									\
+static DEVICE_ATTR_RO(name)
+
+ABUSE_COUNTER_ATTR(queued);
+ABUSE_COUNTER_ATTR(in_flight);
+ABUSE_COUNTER_ATTR(completed);
+ABUSE_COUNTER_ATTR(errors);
+ABUSE_COUNTER_ATTR(requeued);
+ABUSE_COUNTER_ATTR(timeouts);
+ABUSE_COUNTER_ATTR(rejected);
+ABUSE_COUNTER_ATTR(attached);
+
+static struct attribute *abuse_disk_attrs[] = {
+	&dev_attr_queued.attr,
+	&dev_attr_in_flight.attr,
+	&dev_attr_completed.attr,
+	&dev_attr_errors.attr,
+	&dev_attr_requeued.attr,
+	&dev_attr_timeouts.attr,
+	&dev_attr_rejected.attr,
+	&dev_attr_attached.attr,
+	NULL,
+};
+
+static const struct attribute_group abuse_disk_group = {
+	.name	= "abuse",
+	.attrs	= abuse_disk_attrs,
+};
+
+static const struct attribute_group *abuse_disk_groups[] = {
+	&abuse_disk_group,
+	NULL,
+};
+
+/* ---------------------------------------------------------------------
+ * Data copies between request pages and worker buffers.  The request
+ * is BUSY and owned by the caller, so its pages cannot go away.
+ */
+
+static int abuse_copy_to_worker(struct request *rq, void __user *ubuf)
+{
+	struct req_iterator iter;
+	struct bio_vec bv;
+
+	rq_for_each_segment(bv, rq, iter) {
+		void *kaddr = bvec_kmap_local(&bv);
+		unsigned long left = copy_to_user(ubuf, kaddr, bv.bv_len);
+
+		kunmap_local(kaddr);
+		if (left)
+			return -EFAULT;
+		ubuf += bv.bv_len;
+	}
+	return 0;
+}
+
+static int abuse_copy_from_worker(struct request *rq, const void __user *ubuf)
+{
+	struct req_iterator iter;
+	struct bio_vec bv;
+
+	rq_for_each_segment(bv, rq, iter) {
+		void *kaddr = bvec_kmap_local(&bv);
+		unsigned long left = copy_from_user(kaddr, ubuf, bv.bv_len);
+
+		kunmap_local(kaddr);
+		if (left)
+			return -EFAULT;
+		ubuf += bv.bv_len;
+	}
+	return 0;
+}
+
+/* ---------------------------------------------------------------------
+ * GET and PUT
+ */
+
+static void abuse_describe(struct request *rq, u64 data,
+			   struct abuse_request *desc)
+{
+	memset(desc, 0, sizeof(*desc));
+	desc->handle = abuse_handle(rq);
+	desc->offset = (u64)blk_rq_pos(rq) << SECTOR_SHIFT;
+	desc->length = blk_rq_bytes(rq);
+	desc->data = data;
+	if (rq->cmd_flags & REQ_FUA)
+		desc->flags |= ABUSE_REQ_FUA;
+
+	switch (req_op(rq)) {
+	case REQ_OP_READ:
+		desc->op = ABUSE_OP_READ;
+		break;
+	case REQ_OP_WRITE:
+		desc->op = ABUSE_OP_WRITE;
+		break;
+	case REQ_OP_FLUSH:
+		desc->op = ABUSE_OP_FLUSH;
+		break;
+	case REQ_OP_DISCARD:
+		desc->op = ABUSE_OP_DISCARD;
+		break;
+	default:
+		desc->op = ABUSE_OP_WRITE_ZEROES;
+		break;
+	}
+}
+
+/* Buffer bytes a request needs: reads and writes carry data. */
+static u64 abuse_buffer_need(struct request *rq)
+{
+	if (req_op(rq) != REQ_OP_READ && req_op(rq) != REQ_OP_WRITE)
+		return 0;
+	return round_up((u64)blk_rq_bytes(rq), ABUSE_DATA_ALIGN);
+}
+
+/*
+ * Hand out one queued request into @x's buffer at *@used.  Returns 1 if
+ * it was delivered, 0 if the queue is empty or the request does not fit,
+ * -EAGAIN if it was failed while being copied, or a negative errno.
+ * May sleep (copies).
+ */
+static int abuse_get_one(struct abuse_device *dev, struct file *file,
+			 struct abuse_xfer *x, u32 slot, u64 *used)
+{
+	struct abuse_request __user *udesc = u64_to_user_ptr(x->requests);
+	struct abuse_request desc;
+	struct abuse_cmd *cmd;
+	struct request *rq;
+	u64 need, data;
+	int err = 0;
+
+	spin_lock_irq(&dev->lock);
+	if (dev->dead) {
+		spin_unlock_irq(&dev->lock);
+		return -ENODEV;
+	}
+	cmd = list_first_entry_or_null(&dev->queue, struct abuse_cmd, node);
+	if (!cmd) {
+		spin_unlock_irq(&dev->lock);
+		return 0;
+	}
+	rq = blk_mq_rq_from_pdu(cmd);
+	need = abuse_buffer_need(rq);
+	if (need > x->buffer_size - *used) {
+		spin_unlock_irq(&dev->lock);
+		return slot ? 0 : -ENOBUFS;
+	}
+	abuse_set_state(dev, rq, ABUSE_CMD_BUSY);
+	cmd->gen++;
+	cmd->holder = file;
+	spin_unlock_irq(&dev->lock);
+
+	data = need ? x->buffer + *used : 0;
+	abuse_describe(rq, data, &desc);
+	if (req_op(rq) == REQ_OP_WRITE)
+		err = abuse_copy_to_worker(rq, u64_to_user_ptr(data));
+	if (!err && copy_to_user(&udesc[slot], &desc, sizeof(desc)))
+		err = -EFAULT;
+
+	spin_lock_irq(&dev->lock);
+	if (cmd->fail_pending) {
+		abuse_retire(dev, rq, BLK_STS_IOERR);
+		spin_unlock_irq(&dev->lock);
+		blk_mq_end_request(rq, BLK_STS_IOERR);
+		/* Failed by RESET or DESTROY meanwhile: try the next one. */
+		return -EAGAIN;
+	}
+	if (err) {
+		abuse_requeue(dev, rq);
+		spin_unlock_irq(&dev->lock);
+		wake_up(&dev->wait);
+		return err;
+	}
+	abuse_set_state(dev, rq, ABUSE_CMD_IN_FLIGHT);
+	spin_unlock_irq(&dev->lock);
+	*used += need;
+	return 1;
+}
+
+static bool abuse_has_work(struct abuse_device *dev)
+{
+	return READ_ONCE(dev->stats.queued) || READ_ONCE(dev->dead);
+}
+
+/*
+ * The GET half: fill up to x->max_requests descriptors.  Blocks while
+ * nothing is queued unless ABUSE_XFER_NOWAIT.  An error after the first
+ * descriptor ends the batch early instead; the caller gets what it has.
+ */
+static int abuse_get(struct abuse_device *dev, struct file *file,
+		     struct abuse_xfer *x)
+{
+	u64 used = 0;
+	u32 n = 0;
+	int ret = 0;
+
+	x->nr_requests = 0;
+	while (x->max_requests) {
+		while (n < x->max_requests) {
+			ret = abuse_get_one(dev, file, x, n, &used);
+			if (ret == -EAGAIN)
+				continue;
+			if (ret <= 0)
+				break;
+			n++;
+		}
+		if (n || ret < 0 || (x->flags & ABUSE_XFER_NOWAIT))
+			break;
+		/* Exclusive: one waiter per queued request, not a herd. */
+		if (wait_event_interruptible_exclusive(dev->wait,
+						       abuse_has_work(dev))) {
+			ret = -EINTR;
+			break;
+		}
+	}
+	/* Pass the wake-up on if we leave work behind. */
+	if (READ_ONCE(dev->stats.queued))
+		wake_up(&dev->wait);
+
+	x->nr_requests = n;
+	return n ? 0 : ret;
+}
+
+/* Answer one request.  Returns the entry's status, see abuse_reply. */
+static int abuse_put_one(struct abuse_device *dev, struct file *file,
+			 const struct abuse_reply *reply)
+{
+	u32 tag = lower_32_bits(reply->handle);
+	u32 gen = upper_32_bits(reply->handle);
+	blk_status_t status;
+	struct abuse_cmd *cmd;
+	struct request *rq;
+	int err = 0;
+
+	if (reply->__reserved || reply->result > 0 ||
+	    reply->result < -MAX_ERRNO)
+		return -EINVAL;
+	status = errno_to_blk_status(reply->result);
+
+	spin_lock_irq(&dev->lock);
+	rq = tag < dev->config.queue_depth ? dev->rqs[tag] : NULL;
+	cmd = rq ? abuse_cmd(rq) : NULL;
+	if (!rq || cmd->state != ABUSE_CMD_IN_FLIGHT || cmd->gen != gen) {
+		err = -ESTALE;
+	} else if (reply->length != blk_rq_bytes(rq)) {
+		err = -EINVAL;
+	} else if (req_op(rq) != REQ_OP_READ || status != BLK_STS_OK) {
+		abuse_retire(dev, rq, status);
+		spin_unlock_irq(&dev->lock);
+		blk_mq_end_request(rq, status);
+		return 0;
+	}
+	if (err) {
+		spin_unlock_irq(&dev->lock);
+		return err;
+	}
+	abuse_set_state(dev, rq, ABUSE_CMD_BUSY);
+	spin_unlock_irq(&dev->lock);
+
+	err = abuse_copy_from_worker(rq, u64_to_user_ptr(reply->data));
+
+	spin_lock_irq(&dev->lock);
+	if (cmd->fail_pending) {
+		/* Failed by RESET or DESTROY meanwhile: the answer is late. */
+		abuse_retire(dev, rq, BLK_STS_IOERR);
+		status = BLK_STS_IOERR;
+		err = -ESTALE;
+	} else if (err) {
+		/* Keep it; this (live) file may PUT it again. */
+		abuse_set_state(dev, rq, ABUSE_CMD_IN_FLIGHT);
+		cmd->holder = file;
+		spin_unlock_irq(&dev->lock);
+		return err;
+	} else {
+		abuse_retire(dev, rq, BLK_STS_OK);
+	}
+	spin_unlock_irq(&dev->lock);
+	blk_mq_end_request(rq, status);
+	return err;
+}
+
+/* The PUT half: answer x->nr_replies entries, each with its own status. */
+static int abuse_put(struct abuse_device *dev, struct file *file,
+		     struct abuse_xfer *x)
+{
+	struct abuse_reply __user *ureply = u64_to_user_ptr(x->replies);
+	struct abuse_reply chunk[ABUSE_PUT_CHUNK];
+	u32 done, i, count;
+
+	x->nr_accepted = 0;
+	for (done = 0; done < x->nr_replies; done += count) {
+		count = min_t(u32, x->nr_replies - done, ABUSE_PUT_CHUNK);
+		if (copy_from_user(chunk, &ureply[done],
+				   count * sizeof(chunk[0])))
+			return -EFAULT;
+		for (i = 0; i < count; i++) {
+			chunk[i].status = abuse_put_one(dev, file, &chunk[i]);
+			if (!chunk[i].status) {
+				x->nr_accepted++;
+			} else {
+				spin_lock_irq(&dev->lock);
+				dev->stats.rejected++;
+				spin_unlock_irq(&dev->lock);
+			}
+			if (put_user(chunk[i].status,
+				     &ureply[done + i].status))
+				return -EFAULT;
+		}
+	}
+	return 0;
+}
+
+/* ---------------------------------------------------------------------
+ * Control device
+ */
+
+/* Look up disk @index.  Must hold abuse_ctl_mutex. */
+static struct abuse_device *abuse_find(u32 index)
+{
+	lockdep_assert_held(&abuse_ctl_mutex);
+	if (index > INT_MAX)
+		return NULL;
+	return idr_find(&abuse_index_idr, index);
+}
+
+static bool abuse_reserved_zero(const __u64 *reserved, size_t count)
+{
+	size_t i;
+
+	for (i = 0; i < count; i++)
+		if (reserved[i])
+			return false;
+	return true;
+}
+
+/* Check @cfg for CREATE and fill in defaults. */
+static int abuse_check_config(struct abuse_config *cfg)
+{
+	if (!abuse_reserved_zero(cfg->__reserved, ARRAY_SIZE(cfg->__reserved)))
+		return -EINVAL;
+	if (cfg->flags & ~ABUSE_F_ALL)
+		return -EINVAL;
+	if (cfg->block_size < ABUSE_MIN_BLOCK_SIZE ||
+	    cfg->block_size > ABUSE_MAX_BLOCK_SIZE ||
+	    !is_power_of_2(cfg->block_size))
+		return -EINVAL;
+	if (!cfg->size || cfg->size % cfg->block_size ||
+	    (cfg->size >> SECTOR_SHIFT) > (u64)LLONG_MAX >> SECTOR_SHIFT)
+		return -EINVAL;
+
+	if (!cfg->queue_depth)
+		cfg->queue_depth = ABUSE_DEFAULT_QUEUE_DEPTH;
+	if (cfg->queue_depth > ABUSE_MAX_QUEUE_DEPTH)
+		return -EINVAL;
+	if (!cfg->max_request_bytes)
+		cfg->max_request_bytes = ABUSE_DEFAULT_REQUEST_BYTES;
+	if (cfg->max_request_bytes < PAGE_SIZE ||
+	    cfg->max_request_bytes > ABUSE_MAX_REQUEST_BYTES ||
+	    cfg->max_request_bytes % cfg->block_size)
+		return -EINVAL;
+	if (cfg->timeout_ms > ABUSE_MAX_TIMEOUT_MS ||
+	    cfg->retries > ABUSE_MAX_RETRIES)
+		return -EINVAL;
+	return 0;
+}
+
+/* Queue limits from the config: the one place that differs by kernel. */
+static void abuse_set_limits(struct abuse_device *dev)
+{
+	const struct abuse_config *cfg = &dev->config;
+	struct request_queue *q = dev->disk->queue;
+	bool cache = cfg->flags & ABUSE_F_FLUSH;
+
+	blk_queue_logical_block_size(q, cfg->block_size);
+	blk_queue_physical_block_size(q, cfg->block_size);
+	blk_queue_io_min(q, cfg->block_size);
+	blk_queue_max_hw_sectors(q, cfg->max_request_bytes >> SECTOR_SHIFT);
+	if (cfg->flags & ABUSE_F_DISCARD) {
+		q->limits.discard_granularity = cfg->block_size;
+		blk_queue_max_discard_sectors(q, UINT_MAX >> SECTOR_SHIFT);
+	}
+	if (cfg->flags & ABUSE_F_WRITE_ZEROES)
+		blk_queue_max_write_zeroes_sectors(q,
+						   UINT_MAX >> SECTOR_SHIFT);
+	blk_queue_write_cache(q, cache, cache);
+	if (cfg->flags & ABUSE_F_ROTATIONAL)
+		blk_queue_flag_clear(QUEUE_FLAG_NONROT, q);
+	else
+		blk_queue_flag_set(QUEUE_FLAG_NONROT, q);
+}
+
+static int abuse_ctl_create(struct abuse_config *cfg)
+{
+	struct abuse_device *dev;
+	struct gendisk *disk;
+	int ret;
+
+	ret = abuse_check_config(cfg);
+	if (ret)
+		return ret;
+
+	dev = kzalloc(sizeof(*dev), GFP_KERNEL);
+	if (!dev)
+		return -ENOMEM;
+	dev->rqs = kcalloc(cfg->queue_depth, sizeof(*dev->rqs), GFP_KERNEL);
+	if (!dev->rqs) {
+		ret = -ENOMEM;
+		goto out_free_dev;
+	}
+	kref_init(&dev->kref);
+	spin_lock_init(&dev->lock);
+	init_waitqueue_head(&dev->wait);
+	INIT_LIST_HEAD(&dev->queue);
+	dev->config = *cfg;
+
+	dev->tag_set.ops = &abuse_mq_ops;
+	dev->tag_set.nr_hw_queues = 1;
+	dev->tag_set.queue_depth = cfg->queue_depth;
+	dev->tag_set.numa_node = NUMA_NO_NODE;
+	dev->tag_set.cmd_size = sizeof(struct abuse_cmd);
+	dev->tag_set.flags = BLK_MQ_F_SHOULD_MERGE |
+			     BLK_MQ_F_NO_SCHED_BY_DEFAULT;
+	dev->tag_set.timeout = cfg->timeout_ms ?
+			       msecs_to_jiffies(cfg->timeout_ms) :
+			       ABUSE_IDLE_TIMER;
+	dev->tag_set.driver_data = dev;
+	ret = blk_mq_alloc_tag_set(&dev->tag_set);
+	if (ret)
+		goto out_free_rqs;
+
+	disk = blk_mq_alloc_disk(&dev->tag_set, dev);
+	if (IS_ERR(disk)) {
+		ret = PTR_ERR(disk);
+		goto out_free_tag_set;
+	}
+	dev->disk = disk;
+	disk->fops = &abuse_bdev_ops;
+	disk->private_data = dev;
+	abuse_set_limits(dev);
+	set_capacity(disk, cfg->size >> SECTOR_SHIFT);
+
+	mutex_lock(&abuse_ctl_mutex);
+	ret = idr_alloc(&abuse_index_idr, dev, 0, 0, GFP_KERNEL);
+	if (ret < 0)
+		goto out_unlock;
+	dev->config.index = ret;
+	cfg->index = ret;
+	snprintf(disk->disk_name, sizeof(disk->disk_name), "abuse%d", ret);
+
+	/*
+	 * No partition scan while adding: it would read the disk before
+	 * any worker can be attached.  BLKRRPART scans later.
+	 */
+	set_bit(GD_SUPPRESS_PART_SCAN, &disk->state);
+	ret = device_add_disk(NULL, disk, abuse_disk_groups);
+	clear_bit(GD_SUPPRESS_PART_SCAN, &disk->state);
+	if (ret)
+		goto out_remove_index;
+
+	/* Each disk pins the module: rmmod fails while disks exist. */
+	__module_get(THIS_MODULE);
+	mutex_unlock(&abuse_ctl_mutex);
+	return 0;
+
+out_remove_index:
+	idr_remove(&abuse_index_idr, dev->config.index);
+out_unlock:
+	mutex_unlock(&abuse_ctl_mutex);
+	put_disk(disk);
+out_free_tag_set:
+	blk_mq_free_tag_set(&dev->tag_set);
+out_free_rqs:
+	kfree(dev->rqs);
+out_free_dev:
+	kfree(dev);
+	return ret;
+}
+
+/* Tear down @dev, failing whatever it still holds.  Under the ctl mutex. */
+static void abuse_remove(struct abuse_device *dev)
+{
+	LIST_HEAD(done);
+
+	lockdep_assert_held(&abuse_ctl_mutex);
+	spin_lock_irq(&dev->lock);
+	abuse_fail_requests(dev, &done);
+	spin_unlock_irq(&dev->lock);
+	abuse_end_list(&done);
+	wake_up_all(&dev->wait);
+
+	blk_mark_disk_dead(dev->disk);
+	/* Waits for requests still being copied; new ones fail at once. */
+	del_gendisk(dev->disk);
+	idr_remove(&abuse_index_idr, dev->config.index);
+	put_disk(dev->disk);
+	module_put(THIS_MODULE);
+}
+
+static int abuse_ctl_destroy(const struct abuse_target *target)
+{
+	struct abuse_device *dev;
+	int ret = 0;
+
+	if (target->flags & ~ABUSE_DESTROY_FORCE ||
+	    !abuse_reserved_zero(target->__reserved,
+				 ARRAY_SIZE(target->__reserved)))
+		return -EINVAL;
+
+	mutex_lock(&abuse_ctl_mutex);
+	dev = abuse_find(target->index);
+	if (!dev) {
+		ret = -ENODEV;
+		goto out_unlock;
+	}
+	/* Under open_mutex no one can open it between check and mark. */
+	mutex_lock(&dev->disk->open_mutex);
+	if (disk_openers(dev->disk) &&
+	    !(target->flags & ABUSE_DESTROY_FORCE)) {
+		mutex_unlock(&dev->disk->open_mutex);
+		ret = -EBUSY;
+		goto out_unlock;
+	}
+	spin_lock_irq(&dev->lock);
+	dev->dead = true;
+	spin_unlock_irq(&dev->lock);
+	mutex_unlock(&dev->disk->open_mutex);
+
+	abuse_remove(dev);
+out_unlock:
+	mutex_unlock(&abuse_ctl_mutex);
+	return ret;
+}
+
+static int abuse_ctl_info(struct abuse_info *info)
+{
+	struct abuse_device *dev;
+
+	mutex_lock(&abuse_ctl_mutex);
+	dev = abuse_find(info->config.index);
+	if (dev) {
+		spin_lock_irq(&dev->lock);
+		info->config = dev->config;
+		info->counters = dev->stats;
+		spin_unlock_irq(&dev->lock);
+	}
+	mutex_unlock(&abuse_ctl_mutex);
+	return dev ? 0 : -ENODEV;
+}
+
+/* Online change: size (resize) and ABUSE_F_READ_ONLY; nothing else. */
+static int abuse_ctl_set_info(const struct abuse_config *cfg)
+{
+	const u64 mutable = ABUSE_F_READ_ONLY;
+	struct abuse_device *dev;
+	struct abuse_config cur;
+	int ret = 0;
+
+	if (!abuse_reserved_zero(cfg->__reserved, ARRAY_SIZE(cfg->__reserved)))
+		return -EINVAL;
+
+	mutex_lock(&abuse_ctl_mutex);
+	dev = abuse_find(cfg->index);
+	if (!dev) {
+		ret = -ENODEV;
+		goto out_unlock;
+	}
+	cur = dev->config;
+	if (cfg->block_size != cur.block_size ||
+	    (cfg->flags & ~mutable) != (cur.flags & ~mutable) ||
+	    cfg->queue_depth != cur.queue_depth ||
+	    cfg->max_request_bytes != cur.max_request_bytes ||
+	    cfg->timeout_ms != cur.timeout_ms ||
+	    cfg->retries != cur.retries ||
+	    !cfg->size || cfg->size % cur.block_size ||
+	    (cfg->size >> SECTOR_SHIFT) > (u64)LLONG_MAX >> SECTOR_SHIFT) {
+		ret = -EINVAL;
+		goto out_unlock;
+	}
+
+	spin_lock_irq(&dev->lock);
+	dev->config.size = cfg->size;
+	dev->config.flags = cfg->flags;
+	spin_unlock_irq(&dev->lock);
+	set_disk_ro(dev->disk, cfg->flags & ABUSE_F_READ_ONLY);
+	/* Sends a RESIZE uevent; the new size is seen while open. */
+	set_capacity_and_notify(dev->disk, cfg->size >> SECTOR_SHIFT);
+out_unlock:
+	mutex_unlock(&abuse_ctl_mutex);
+	return ret;
+}
+
+static int abuse_ctl_attach(struct file *file,
+			    const struct abuse_target *target)
+{
+	struct abuse_device *dev;
+	int ret = 0;
+
+	if (target->flags ||
+	    !abuse_reserved_zero(target->__reserved,
+				 ARRAY_SIZE(target->__reserved)))
+		return -EINVAL;
+
+	mutex_lock(&abuse_ctl_mutex);
+	dev = abuse_find(target->index);
+	if (!dev) {
+		ret = -ENODEV;
+		goto out_unlock;
+	}
+	kref_get(&dev->kref);
+	/* A file serves one disk for its whole life. */
+	if (cmpxchg(&file->private_data, NULL, dev)) {
+		kref_put(&dev->kref, abuse_dev_release);
+		ret = -EBUSY;
+		goto out_unlock;
+	}
+	spin_lock_irq(&dev->lock);
+	dev->stats.attached++;
+	spin_unlock_irq(&dev->lock);
+out_unlock:
+	mutex_unlock(&abuse_ctl_mutex);
+	return ret;
+}
+
+static int abuse_ctl_reset(const struct abuse_target *target)
+{
+	struct abuse_device *dev;
+	LIST_HEAD(done);
+	unsigned int requeued = 0;
+
+	if (target->flags & ~ABUSE_RESET_FAIL ||
+	    !abuse_reserved_zero(target->__reserved,
+				 ARRAY_SIZE(target->__reserved)))
+		return -EINVAL;
+
+	mutex_lock(&abuse_ctl_mutex);
+	dev = abuse_find(target->index);
+	if (!dev) {
+		mutex_unlock(&abuse_ctl_mutex);
+		return -ENODEV;
+	}
+	spin_lock_irq(&dev->lock);
+	if (target->flags & ABUSE_RESET_FAIL)
+		abuse_fail_requests(dev, &done);
+	else
+		requeued = abuse_requeue_in_flight(dev, NULL);
+	spin_unlock_irq(&dev->lock);
+	abuse_end_list(&done);
+	if (requeued)
+		wake_up_nr(&dev->wait, requeued);
+	mutex_unlock(&abuse_ctl_mutex);
+	return 0;
+}
+
+static int abuse_ctl_version(struct abuse_version *version)
+{
+	memset(version, 0, sizeof(*version));
+	version->version = ABUSE_VERSION;
+	version->max_batch = ABUSE_MAX_BATCH;
+	version->features = ABUSE_F_ALL;
+	return 0;
+}
+
+/* The disk this file is attached to, or NULL. */
+static struct abuse_device *abuse_file_dev(struct file *file)
+{
+	return READ_ONCE(file->private_data);
+}
+
+static int abuse_ctl_xfer(struct file *file, struct abuse_xfer *x, bool put)
+{
+	struct abuse_device *dev = abuse_file_dev(file);
+	int ret;
+
+	if (!dev)
+		return -EBADFD;
+	if (x->flags & ~ABUSE_XFER_ALL || x->__pad ||
+	    !abuse_reserved_zero(x->__reserved, ARRAY_SIZE(x->__reserved)) ||
+	    (!put && x->nr_replies))
+		return -EINVAL;
+	if (x->nr_replies > ABUSE_MAX_BATCH ||
+	    x->max_requests > ABUSE_MAX_BATCH)
+		return -E2BIG;
+	if (READ_ONCE(dev->dead))
+		return -ENODEV;
+
+	x->nr_requests = 0;
+	x->nr_accepted = 0;
+	if (put) {
+		ret = abuse_put(dev, file, x);
+		if (ret)
+			return ret;
+	}
+	ret = abuse_get(dev, file, x);
+	/* The answers are in: a PUT reports them even if its GET failed. */
+	return put && (ret == -EINTR || ret == -ENOBUFS) ? 0 : ret;
+}
+
+static long abuse_ctl_ioctl(struct file *file, unsigned int cmd,
+			    unsigned long arg)
+{
+	void __user *argp = (void __user *)arg;
+	union {
+		struct abuse_version version;
+		struct abuse_config config;
+		struct abuse_info info;
+		struct abuse_target target;
+		struct abuse_xfer xfer;
+	} u;
+	int ret;
+
+	switch (cmd) {
+	case ABUSE_IOC_VERSION:
+		ret = abuse_ctl_version(&u.version);
+		if (copy_to_user(argp, &u.version, sizeof(u.version)))
+			return -EFAULT;
+		return ret;
+	case ABUSE_IOC_CREATE:
+		if (copy_from_user(&u.config, argp, sizeof(u.config)))
+			return -EFAULT;
+		ret = abuse_ctl_create(&u.config);
+		if (ret)
+			return ret;
+		if (copy_to_user(argp, &u.config, sizeof(u.config))) {
+			/* Nothing half-done: the caller never learnt N. */
+			struct abuse_target undo = {
+				.index = u.config.index,
+				.flags = ABUSE_DESTROY_FORCE,
+			};
+
+			abuse_ctl_destroy(&undo);
+			return -EFAULT;
+		}
+		return 0;
+	case ABUSE_IOC_DESTROY:
+		if (copy_from_user(&u.target, argp, sizeof(u.target)))
+			return -EFAULT;
+		return abuse_ctl_destroy(&u.target);
+	case ABUSE_IOC_INFO:
+		if (copy_from_user(&u.info, argp, sizeof(u.info)))
+			return -EFAULT;
+		ret = abuse_ctl_info(&u.info);
+		if (!ret && copy_to_user(argp, &u.info, sizeof(u.info)))
+			return -EFAULT;
+		return ret;
+	case ABUSE_IOC_SET_INFO:
+		if (copy_from_user(&u.config, argp, sizeof(u.config)))
+			return -EFAULT;
+		return abuse_ctl_set_info(&u.config);
+	case ABUSE_IOC_ATTACH:
+		if (copy_from_user(&u.target, argp, sizeof(u.target)))
+			return -EFAULT;
+		return abuse_ctl_attach(file, &u.target);
+	case ABUSE_IOC_GET:
+	case ABUSE_IOC_PUT:
+		if (copy_from_user(&u.xfer, argp, sizeof(u.xfer)))
+			return -EFAULT;
+		ret = abuse_ctl_xfer(file, &u.xfer, cmd == ABUSE_IOC_PUT);
+		if (ret)
+			return ret;
+		if (copy_to_user(argp, &u.xfer, sizeof(u.xfer)))
+			return -EFAULT;
+		return 0;
+	case ABUSE_IOC_RESET:
+		if (copy_from_user(&u.target, argp, sizeof(u.target)))
+			return -EFAULT;
+		return abuse_ctl_reset(&u.target);
+	default:
+		return -ENOTTY;
+	}
+}
+
+static __poll_t abuse_ctl_poll(struct file *file, poll_table *wait)
+{
+	struct abuse_device *dev = abuse_file_dev(file);
+
+	if (!dev)
+		return EPOLLERR;
+	poll_wait(file, &dev->wait, wait);
+	if (READ_ONCE(dev->dead))
+		return EPOLLHUP;
+	return READ_ONCE(dev->stats.queued) ? EPOLLIN | EPOLLRDNORM : 0;
+}
+
+static int abuse_ctl_open(struct inode *inode, struct file *file)
+{
+	if (!capable(CAP_SYS_ADMIN))
+		return -EPERM;
+	/* misc_open left the miscdevice here; we keep the attached disk. */
+	file->private_data = NULL;
+	return nonseekable_open(inode, file);
+}
+
+/* A closing worker's requests go back to the queue for the next one. */
+static int abuse_ctl_release(struct inode *inode, struct file *file)
+{
+	struct abuse_device *dev = abuse_file_dev(file);
+	unsigned int requeued;
+
+	if (!dev)
+		return 0;
+	spin_lock_irq(&dev->lock);
+	requeued = abuse_requeue_in_flight(dev, file);
+	dev->stats.attached--;
+	spin_unlock_irq(&dev->lock);
+	if (requeued)
+		wake_up_nr(&dev->wait, requeued);
+	kref_put(&dev->kref, abuse_dev_release);
+	return 0;
+}
+
+static const struct file_operations abuse_ctl_fops = {
+	.owner		= THIS_MODULE,
+	.open		= abuse_ctl_open,
+	.release	= abuse_ctl_release,
+	.unlocked_ioctl	= abuse_ctl_ioctl,
+	.compat_ioctl	= compat_ptr_ioctl,
+	.poll		= abuse_ctl_poll,
+	.llseek		= noop_llseek,
+};
+
+static struct miscdevice abuse_misc = {
+	.minor		= MISC_DYNAMIC_MINOR,
+	.name		= "abuse",
+	.fops		= &abuse_ctl_fops,
+	.mode		= 0600,
+};
+
+static int __init abuse_init(void)
+{
+	BUILD_BUG_ON(sizeof(struct abuse_config) != 72);
+	BUILD_BUG_ON(sizeof(struct abuse_counters) != 96);
+	BUILD_BUG_ON(sizeof(struct abuse_info) != 168);
+	BUILD_BUG_ON(sizeof(struct abuse_target) != 24);
+	BUILD_BUG_ON(sizeof(struct abuse_version) != 32);
+	BUILD_BUG_ON(sizeof(struct abuse_request) != 32);
+	BUILD_BUG_ON(sizeof(struct abuse_reply) != 32);
+	BUILD_BUG_ON(sizeof(struct abuse_xfer) != 72);
+
+	return misc_register(&abuse_misc);
+}
+
+/* Disks pin the module, so none exist here. */
+static void __exit abuse_exit(void)
+{
+	misc_deregister(&abuse_misc);
+	idr_destroy(&abuse_index_idr);
+}
+
+module_init(abuse_init);
+module_exit(abuse_exit);
+
+MODULE_AUTHOR("abuse developers");
+MODULE_DESCRIPTION("Block device served from user space");
+MODULE_LICENSE("GPL");

@@ -1,0 +1,203 @@
+/* SPDX-License-Identifier: GPL-2.0 WITH Linux-syscall-note */
+/*
+ * abuse: A Block device in User SpacE -- the user/kernel contract.
+ *
+ * The module keeps a connectionless queue of block requests per disk
+ * behind the control device /dev/abuse.  Any number of worker files
+ * ATTACH to a disk, GET batches of requests, and PUT their answers.
+ * There is no session: a worker that dies has its requests requeued.
+ *
+ * This header is the single source of truth for the layouts: the
+ * Python package parses it with cffi.  Keep it to fixed-width types,
+ * plain #defines and structs, with every size a multiple of 8.
+ */
+#ifndef _UAPI_LINUX_ABUSE_H
+#define _UAPI_LINUX_ABUSE_H
+
+#include <linux/types.h>
+#include <linux/ioctl.h>
+
+/* Bumped when a command or structure is added; existing ones never change. */
+#define ABUSE_VERSION			1
+
+/*
+ * Disk features, passed in abuse_config.flags at CREATE and reported by
+ * ABUSE_IOC_VERSION in abuse_version.features.  Unknown bits: -EINVAL.
+ */
+/* The disk rejects writes (may be toggled by SET_INFO). */
+#define ABUSE_F_READ_ONLY		(1ULL << 0)
+/* Volatile write cache: the worker receives FLUSH and FUA. */
+#define ABUSE_F_FLUSH			(1ULL << 1)
+/* The worker receives DISCARD requests. */
+#define ABUSE_F_DISCARD			(1ULL << 2)
+/* The worker receives WRITE_ZEROES requests. */
+#define ABUSE_F_WRITE_ZEROES		(1ULL << 3)
+/* Report a rotational disk to the block layer. */
+#define ABUSE_F_ROTATIONAL		(1ULL << 4)
+#define ABUSE_F_ALL			0x1fULL
+
+/* Limits. */
+#define ABUSE_MIN_BLOCK_SIZE		512
+#define ABUSE_MAX_BLOCK_SIZE		4096
+#define ABUSE_DEFAULT_QUEUE_DEPTH	128
+#define ABUSE_MAX_QUEUE_DEPTH		1024
+#define ABUSE_DEFAULT_REQUEST_BYTES	1048576
+#define ABUSE_MAX_REQUEST_BYTES		8388608
+/* Most descriptors or replies in one GET or PUT; more is -E2BIG. */
+#define ABUSE_MAX_BATCH			1024
+/* GET places each request's data at a multiple of this in the buffer. */
+#define ABUSE_DATA_ALIGN		4096
+
+/*
+ * struct abuse_config - what a disk is.  In for CREATE (index out) and
+ * SET_INFO (index in; only size and ABUSE_F_READ_ONLY may change);
+ * out for INFO.
+ */
+struct abuse_config {
+	__u32 index;			/* N of /dev/abuseN */
+	__u32 block_size;		/* bytes: 512, 1024, 2048 or 4096 */
+	__u64 size;			/* bytes, a multiple of block_size */
+	__u64 flags;			/* ABUSE_F_* */
+	__u32 queue_depth;		/* requests; 0 = default */
+	__u32 max_request_bytes;	/* bytes per request; 0 = default */
+	__u32 timeout_ms;		/* per request; 0 = wait forever */
+	__u32 retries;			/* requeues after a timeout, then -EIO */
+	__u64 __reserved[4];		/* must be 0 */
+};
+
+/*
+ * struct abuse_counters - live state of a disk.  Counts are totals since
+ * CREATE; queued, in_flight and attached are current values.
+ */
+struct abuse_counters {
+	__u64 queued;			/* waiting for a GET */
+	__u64 in_flight;		/* handed to a worker, not yet answered */
+	__u64 completed;		/* requests ended, with any status */
+	__u64 errors;			/* of those, ended with an error */
+	__u64 requeued;			/* returned to the queue: close, RESET, timeout */
+	__u64 timeouts;			/* request timeouts seen */
+	__u64 rejected;			/* PUT entries refused (stale, bad length, ...) */
+	__u64 attached;			/* files attached to the disk */
+	__u64 __reserved[4];		/* 0 */
+};
+
+/* struct abuse_info - INFO: config.index in, everything else out. */
+struct abuse_info {
+	struct abuse_config config;
+	struct abuse_counters counters;
+};
+
+/* abuse_target.flags for DESTROY: fail queued and in-flight I/O even if open. */
+#define ABUSE_DESTROY_FORCE		(1U << 0)
+/* abuse_target.flags for RESET: fail every request with -EIO, do not requeue. */
+#define ABUSE_RESET_FAIL		(1U << 0)
+
+/* struct abuse_target - names one disk for DESTROY, ATTACH and RESET. */
+struct abuse_target {
+	__u32 index;			/* in: N of /dev/abuseN */
+	__u32 flags;			/* in: ABUSE_DESTROY_* or ABUSE_RESET_* */
+	__u64 __reserved[2];		/* must be 0 */
+};
+
+/* struct abuse_version - VERSION: what this module speaks. */
+struct abuse_version {
+	__u32 version;			/* out: ABUSE_VERSION */
+	__u32 max_batch;		/* out: ABUSE_MAX_BATCH */
+	__u64 features;			/* out: ABUSE_F_* this module supports */
+	__u64 __reserved[2];		/* out: 0 */
+};
+
+/* abuse_request.op */
+#define ABUSE_OP_READ			0
+#define ABUSE_OP_WRITE			1
+#define ABUSE_OP_FLUSH			2
+#define ABUSE_OP_DISCARD		3
+#define ABUSE_OP_WRITE_ZEROES		4
+
+/* abuse_request.flags */
+#define ABUSE_REQ_FUA			(1U << 0)
+
+/*
+ * struct abuse_request - one descriptor filled by GET.
+ *
+ * The handle is opaque to the worker: it names the request and the
+ * generation in which it was handed out.  Once the request is requeued
+ * (close, RESET, timeout) or completed, the handle is stale.
+ */
+struct abuse_request {
+	__u64 handle;			/* out: echo in abuse_reply.handle */
+	__u64 offset;			/* out: bytes from the start of the disk */
+	__u64 data;			/* out: user address inside the GET buffer */
+	__u32 length;			/* out: bytes */
+	__u16 op;			/* out: ABUSE_OP_* */
+	__u16 flags;			/* out: ABUSE_REQ_* */
+};
+
+/*
+ * struct abuse_reply - one answer given to PUT.
+ *
+ * Each entry is checked on its own and gets its own status:
+ *   0		accepted, the request is completed with @result
+ *   -ESTALE	unknown handle, or the request was requeued or completed
+ *		since it was handed out; nothing was done
+ *   -EINVAL	@length differs from the request's, @result is not 0 or a
+ *		negative errno, or a reserved field is not 0
+ *   -EFAULT	@data could not be read (reads only); the request stays
+ *		in flight and the same handle may be PUT again
+ */
+struct abuse_reply {
+	__u64 handle;			/* in: from abuse_request.handle */
+	__u64 data;			/* in: user address of read data, else 0 */
+	__u32 length;			/* in: bytes, the request's length */
+	__s32 result;			/* in: 0 or -errno for the application */
+	__s32 status;			/* out: see above */
+	__u32 __reserved;		/* must be 0 */
+};
+
+/* abuse_xfer.flags */
+#define ABUSE_XFER_NOWAIT		(1U << 0)	/* GET never blocks */
+#define ABUSE_XFER_ALL			0x1U
+
+/*
+ * struct abuse_xfer - argument of GET and PUT on an attached file.
+ *
+ * PUT answers @nr_replies entries of @replies, then, if @max_requests
+ * is not 0, does a GET in the same call.  GET (and the GET half of PUT)
+ * moves up to @max_requests queued requests to in flight, copies each
+ * write's payload into @buffer and fills @requests.  With nothing
+ * queued it blocks until a request arrives, unless ABUSE_XFER_NOWAIT,
+ * in which case it returns 0 with @nr_requests 0.  A request larger
+ * than @buffer_size is never handed out: -ENOBUFS.
+ */
+struct abuse_xfer {
+	__u64 replies;			/* in: user address of abuse_reply[] */
+	__u64 requests;			/* in: user address of abuse_request[] */
+	__u64 buffer;			/* in: user address of the data buffer */
+	__u64 buffer_size;		/* in: bytes */
+	__u32 nr_replies;		/* in: entries in @replies (PUT only) */
+	__u32 max_requests;		/* in: room in @requests */
+	__u32 nr_requests;		/* out: descriptors filled */
+	__u32 nr_accepted;		/* out: replies with status 0 */
+	__u32 flags;			/* in: ABUSE_XFER_* */
+	__u32 __pad;			/* must be 0 */
+	__u64 __reserved[2];		/* must be 0 */
+};
+
+/*
+ * Commands on /dev/abuse.  ATTACH binds the file to one disk; GET, PUT
+ * and poll (POLLIN while the disk has queued requests, POLLHUP once it
+ * is destroyed) then act on that disk.
+ */
+#define ABUSE_IOC_MAGIC			0xE4
+
+#define ABUSE_IOC_VERSION	_IOR(ABUSE_IOC_MAGIC, 0x00, struct abuse_version)
+#define ABUSE_IOC_CREATE	_IOWR(ABUSE_IOC_MAGIC, 0x01, struct abuse_config)
+#define ABUSE_IOC_DESTROY	_IOW(ABUSE_IOC_MAGIC, 0x02, struct abuse_target)
+#define ABUSE_IOC_INFO		_IOWR(ABUSE_IOC_MAGIC, 0x03, struct abuse_info)
+#define ABUSE_IOC_SET_INFO	_IOW(ABUSE_IOC_MAGIC, 0x04, struct abuse_config)
+#define ABUSE_IOC_ATTACH	_IOW(ABUSE_IOC_MAGIC, 0x05, struct abuse_target)
+#define ABUSE_IOC_GET		_IOWR(ABUSE_IOC_MAGIC, 0x06, struct abuse_xfer)
+#define ABUSE_IOC_PUT		_IOWR(ABUSE_IOC_MAGIC, 0x07, struct abuse_xfer)
+#define ABUSE_IOC_RESET		_IOW(ABUSE_IOC_MAGIC, 0x08, struct abuse_target)
+
+#endif /* _UAPI_LINUX_ABUSE_H */

@@ -1,0 +1,413 @@
+"""The driver's contract, against the real module (issue: The driver)."""
+
+from __future__ import annotations
+
+import errno
+import os
+import select
+import subprocess
+import time
+
+import pytest
+
+from abuse import DiskBusy, InvalidRequest, uapi
+from abuse.control import Control
+from tests.kernel.blockio import Background, direct_read, direct_write, pattern
+from tests.kernel.conftest import MiB, Disks, run, wait_for
+from tests.kernel.raw import RawWorker, expect_errno, raw_errno, unmapped_address
+
+ffi = uapi.ffi
+KiB = 1 << 10
+
+
+def test_pattern_round_trip_and_counters(disks: Disks) -> None:
+    config = disks.create(64 * MiB)
+    spare = disks.attach(config.index)  # a second attached file, idle
+    served = disks.serve(config)
+    chunk = 64 * KiB
+    chunks = 64
+    for i in range(chunks):
+        direct_write(config.path, i * chunk * 7 % (64 * MiB), pattern(i, chunk))
+    for i in range(chunks):
+        assert direct_read(config.path, i * chunk * 7 % (64 * MiB), chunk) == pattern(i, chunk)
+
+    info = disks.control.info(config.index)
+    assert info.counters["attached"] == 2
+    served.halt()
+    info = disks.control.info(config.index)
+    counters = info.counters
+    assert counters["completed"] == served.worker.served >= 2 * chunks
+    assert counters["errors"] == 0
+    assert counters["queued"] == 0
+    assert counters["in_flight"] == 0
+    assert counters["rejected"] == 0
+    assert counters["attached"] == 2
+    sysfs = f"/sys/block/{config.name}/abuse"
+    for name in ("completed", "errors", "queued", "in_flight", "requeued", "attached"):
+        with open(f"{sysfs}/{name}") as f:
+            assert int(f.read()) == counters[name], name
+    spare.close()
+    assert disks.control.info(config.index).counters["attached"] == 1
+
+
+def test_info_reports_config(disks: Disks) -> None:
+    config = disks.create(
+        64 * MiB, block_size=512, flags=uapi.ABUSE_F_FLUSH | uapi.ABUSE_F_DISCARD,
+        queue_depth=64, max_request_bytes=256 * KiB, timeout_ms=5000, retries=3,
+    )
+    got = disks.control.info(config.index).config
+    assert got == config
+    assert (got.block_size, got.queue_depth, got.max_request_bytes) == (512, 64, 256 * KiB)
+    queue = f"/sys/block/{config.name}/queue"
+    with open(f"{queue}/logical_block_size") as f:
+        assert int(f.read()) == 512
+    with open(f"{queue}/max_hw_sectors_kb") as f:
+        assert int(f.read()) == 256
+    with open(f"{queue}/write_cache") as f:
+        assert f.read().strip() == "write back"
+    with open(f"{queue}/discard_max_hw_bytes") as f:
+        assert int(f.read()) > 0
+    version, features = disks.control.version()
+    assert version == uapi.ABUSE_VERSION
+    assert features == uapi.ABUSE_F_ALL
+
+
+def test_get_nowait_blocking_and_poll(disks: Disks) -> None:
+    config = disks.create(16 * MiB)
+    raw = RawWorker(config.index)
+    try:
+        poller = select.poll()
+        poller.register(raw.control.fileno(), select.POLLIN)
+        started = time.monotonic()
+        assert raw.get(wait=False) == []
+        assert time.monotonic() - started < 2
+        assert poller.poll(0) == []
+
+        # A blocking GET sleeps until I/O arrives.
+        getter = Background(lambda: raw.get(wait=True))
+        time.sleep(0.5)
+        assert not getter.done
+        writer = Background(lambda: direct_write(config.path, 0, pattern(1, 4096)))
+        requests = getter.join().result
+        assert len(requests) == 1 and requests[0].op == uapi.ABUSE_OP_WRITE
+        assert bytes(raw.data(requests[0])) == pattern(1, 4096)
+        assert poller.poll(0) == []  # nothing queued: it is in flight
+        assert raw.put([raw.answer(requests[0])]) == [0]
+        writer.join()
+        assert writer.error is None
+
+        # POLLIN while queued, gone once taken.
+        writer = Background(lambda: direct_write(config.path, 4096, pattern(2, 4096)))
+        assert poller.poll(10_000) == [(raw.control.fileno(), select.POLLIN)]
+        requests = raw.get()
+        assert len(requests) == 1
+        assert poller.poll(0) == []
+        assert raw.put([raw.answer(requests[0])]) == [0]
+        writer.join()
+        assert writer.error is None
+    finally:
+        raw.close()
+
+
+def test_closed_worker_requests_are_requeued(disks: Disks) -> None:
+    config = disks.create(16 * MiB)
+    holder = RawWorker(config.index)
+    writers = [
+        Background(lambda i=i: direct_write(config.path, i * 8192, pattern(10 + i, 8192)))
+        for i in range(4)
+    ]
+    held = []
+    wait_for(lambda: disks.control.info(config.index).counters["queued"] == 4)
+    held = holder.get()
+    assert len(held) == 4
+    holder.close()  # dies without answering
+    assert disks.control.info(config.index).counters["requeued"] >= 4
+    disks.serve(config)
+    for w in writers:
+        w.join()
+        assert w.error is None
+    for i in range(4):
+        assert direct_read(config.path, i * 8192, 8192) == pattern(10 + i, 8192)
+
+
+def test_put_entries_fail_on_their_own(disks: Disks) -> None:
+    config = disks.create(16 * MiB, queue_depth=32)
+    direct_write_bg = Background(lambda: direct_write(config.path, 0, pattern(3, 8192)))
+    raw = RawWorker(config.index)
+    try:
+        wait_for(lambda: disks.control.info(config.index).counters["queued"] == 1)
+        (write,) = raw.get()
+        good = raw.answer(write)
+        stale = {**good, "handle": good["handle"] + (1 << 32)}
+        unknown_tag = {**good, "handle": 999}
+        idle_tag = {**good, "handle": (good["handle"] & ~0xFFFFFFFF) | ((good["handle"] + 1) & 31)}
+        wrong_length = {**good, "length": write.length + 512}
+        reserved = {**good, "__reserved": 1}
+        positive = {**good, "result": 5}
+        statuses = raw.put([stale, unknown_tag, idle_tag, wrong_length, reserved, positive])
+        assert statuses == [-errno.ESTALE] * 3 + [-errno.EINVAL] * 3
+
+        # Oversized batch: the whole call is refused, nothing is touched.
+        raw.xfer.arg.nr_replies = uapi.ABUSE_MAX_BATCH + 1
+        expect_errno(raw_errno(raw.control.fileno(), uapi.ABUSE_IOC_PUT, raw.xfer.arg), errno.E2BIG)
+
+        assert raw.put([good]) == [0]
+        assert raw.put([good]) == [-errno.ESTALE]  # completed exactly once
+        direct_write_bg.join()
+        assert direct_write_bg.error is None
+
+        # Reads: a NULL or unmapped data address fails the entry, not the disk.
+        reader = Background(lambda: direct_read(config.path, 0, 8192))
+        wait_for(lambda: disks.control.info(config.index).counters["queued"] == 1)
+        (read,) = raw.get()
+        assert read.op == uapi.ABUSE_OP_READ
+        raw.data(read)[:] = pattern(3, 8192)
+        answer = raw.answer(read)
+        assert raw.put([{**answer, "data": 0}]) == [-errno.EFAULT]
+        assert raw.put([{**answer, "data": unmapped_address()}]) == [-errno.EFAULT]
+        assert not reader.done
+        assert raw.put([answer]) == [0]
+        assert reader.join().result == pattern(3, 8192)
+
+        counters = disks.control.info(config.index).counters
+        assert counters["rejected"] == 9
+        assert counters["errors"] == 0
+    finally:
+        raw.close()
+    # The disk still works.
+    disks.serve(config)
+    direct_write(config.path, 1 * MiB, pattern(4, 4096))
+    assert direct_read(config.path, 1 * MiB, 4096) == pattern(4, 4096)
+
+
+def test_bad_ioctls_get_clean_errors(disks: Disks) -> None:
+    config = disks.create(16 * MiB)
+    with Control() as ctl:
+        fd = ctl.fileno()
+        xfer = ffi.new("struct abuse_xfer *")
+        # Not attached yet.
+        expect_errno(raw_errno(fd, uapi.ABUSE_IOC_GET, xfer), errno.EBADFD)
+        # Unknown command and wrong size.
+        expect_errno(raw_errno(fd, 0xE4FF, ffi.NULL), errno.ENOTTY)
+        expect_errno(raw_errno(fd, uapi.ABUSE_IOC_GET + (1 << 16), xfer), errno.ENOTTY)
+        # Bad argument pointers.
+        expect_errno(raw_errno(fd, uapi.ABUSE_IOC_INFO, ffi.NULL), errno.EFAULT)
+        expect_errno(raw_errno(fd, uapi.ABUSE_IOC_CREATE, ffi.cast("void *", unmapped_address())), errno.EFAULT)
+        # CREATE argument checks.
+        for field, value in [
+            ("block_size", 1000), ("block_size", 8192), ("size", 0), ("size", 4097),
+            ("flags", 1 << 40), ("queue_depth", 5000), ("max_request_bytes", 100),
+            ("timeout_ms", 1 << 31), ("retries", 1 << 20),
+        ]:
+            cfg = ffi.new("struct abuse_config *", {"size": MiB, "block_size": 4096})
+            setattr(cfg, field, value)
+            expect_errno(raw_errno(fd, uapi.ABUSE_IOC_CREATE, cfg), errno.EINVAL)
+        cfg = ffi.new("struct abuse_config *", {"size": MiB, "block_size": 4096})
+        cfg.__reserved[3] = 1
+        expect_errno(raw_errno(fd, uapi.ABUSE_IOC_CREATE, cfg), errno.EINVAL)
+        # Targets.
+        target = ffi.new("struct abuse_target *", {"index": 4242})
+        expect_errno(raw_errno(fd, uapi.ABUSE_IOC_ATTACH, target), errno.ENODEV)
+        expect_errno(raw_errno(fd, uapi.ABUSE_IOC_DESTROY, target), errno.ENODEV)
+        target = ffi.new("struct abuse_target *", {"index": config.index, "flags": 2})
+        expect_errno(raw_errno(fd, uapi.ABUSE_IOC_RESET, target), errno.EINVAL)
+        target = ffi.new("struct abuse_target *", {"index": config.index})
+        target.__reserved[1] = 7
+        expect_errno(raw_errno(fd, uapi.ABUSE_IOC_ATTACH, target), errno.EINVAL)
+        # Attach once; a second attach of the same file is refused.
+        ctl.attach(config.index)
+        with pytest.raises(DiskBusy):
+            ctl.attach(config.index)
+        # GET argument checks.
+        for field, value, want in [
+            ("flags", 2, errno.EINVAL), ("__pad", 1, errno.EINVAL),
+            ("nr_replies", 1, errno.EINVAL), ("max_requests", uapi.ABUSE_MAX_BATCH + 1, errno.E2BIG),
+        ]:
+            xfer = ffi.new("struct abuse_xfer *", {"flags": uapi.ABUSE_XFER_NOWAIT})
+            setattr(xfer, field, value)
+            expect_errno(raw_errno(fd, uapi.ABUSE_IOC_GET, xfer), want)
+        with pytest.raises(InvalidRequest):
+            ctl.resize(config.index, 12345)
+
+
+def test_get_faults_and_small_buffers_lose_nothing(disks: Disks) -> None:
+    config = disks.create(16 * MiB)
+    writer = Background(lambda: direct_write(config.path, 0, pattern(5, 64 * KiB)))
+    with Control() as ctl:
+        ctl.attach(config.index)
+        wait_for(lambda: disks.control.info(config.index).counters["queued"] == 1)
+        fd = ctl.fileno()
+        requests = ffi.new("struct abuse_request[]", 4)
+        xfer = ffi.new("struct abuse_xfer *", {
+            "requests": int(ffi.cast("uintptr_t", requests)), "max_requests": 4,
+            "flags": uapi.ABUSE_XFER_NOWAIT, "buffer": unmapped_address(), "buffer_size": MiB,
+        })
+        expect_errno(raw_errno(fd, uapi.ABUSE_IOC_GET, xfer), errno.EFAULT)
+        xfer.buffer_size = 4096  # smaller than the 64 KiB request
+        expect_errno(raw_errno(fd, uapi.ABUSE_IOC_GET, xfer), errno.ENOBUFS)
+        xfer.requests = 0
+        xfer.buffer_size = MiB
+        expect_errno(raw_errno(fd, uapi.ABUSE_IOC_GET, xfer), errno.EFAULT)
+    assert disks.control.info(config.index).counters["queued"] == 1
+    disks.serve(config)
+    writer.join()
+    assert writer.error is None
+    assert direct_read(config.path, 0, 64 * KiB) == pattern(5, 64 * KiB)
+
+
+def test_timeout_fails_with_eio_when_no_worker(disks: Disks) -> None:
+    config = disks.create(16 * MiB, timeout_ms=2000, retries=1)
+    started = time.monotonic()
+    writer = Background(lambda: direct_write(config.path, 0, pattern(6, 4096))).join(30)
+    elapsed = time.monotonic() - started
+    assert isinstance(writer.error, OSError) and writer.error.errno == errno.EIO
+    assert elapsed < 20, f"took {elapsed:.1f}s"
+    counters = disks.control.info(config.index).counters
+    assert counters["timeouts"] == 2 and counters["errors"] == 1
+    assert counters["queued"] == counters["in_flight"] == 0
+
+
+def test_timeout_zero_waits_for_a_worker(disks: Disks) -> None:
+    config = disks.create(16 * MiB, timeout_ms=0)
+    writer = Background(lambda: direct_write(config.path, 0, pattern(7, 4096)))
+    time.sleep(4)
+    assert not writer.done
+    disks.serve(config)
+    writer.join()
+    assert writer.error is None
+    assert direct_read(config.path, 0, 4096) == pattern(7, 4096)
+
+
+def test_in_flight_timeout_moves_request_to_another_worker(disks: Disks) -> None:
+    config = disks.create(16 * MiB, timeout_ms=1000, retries=3)
+    writer = Background(lambda: direct_write(config.path, 0, pattern(8, 4096)))
+    hung = RawWorker(config.index)
+    try:
+        wait_for(lambda: disks.control.info(config.index).counters["queued"] == 1)
+        (request,) = hung.get()
+        wait_for(lambda: disks.control.info(config.index).counters["requeued"] >= 1)
+        disks.serve(config)
+        writer.join()
+        assert writer.error is None
+        assert hung.put([hung.answer(request)]) == [-errno.ESTALE]
+    finally:
+        hung.close()
+
+
+def test_reset_requeues_with_new_generation(disks: Disks) -> None:
+    config = disks.create(16 * MiB)
+    writer = Background(lambda: direct_write(config.path, 0, pattern(9, 4096)))
+    old, new = RawWorker(config.index), RawWorker(config.index)
+    try:
+        wait_for(lambda: disks.control.info(config.index).counters["queued"] == 1)
+        (before,) = old.get()
+        disks.control.reset(config.index)
+        (after,) = new.get()
+        assert after.handle != before.handle
+        assert bytes(new.data(after)) == pattern(9, 4096)
+        assert old.put([old.answer(before)]) == [-errno.ESTALE]
+        assert new.put([new.answer(after)]) == [0]
+        writer.join()
+        assert writer.error is None
+    finally:
+        old.close()
+        new.close()
+
+
+def test_reset_fail_ends_queued_and_in_flight_with_eio(disks: Disks) -> None:
+    config = disks.create(16 * MiB)
+    raw = RawWorker(config.index)
+    try:
+        first = Background(lambda: direct_write(config.path, 0, pattern(1, 4096)))
+        wait_for(lambda: disks.control.info(config.index).counters["queued"] == 1)
+        (held,) = raw.get()
+        second = Background(lambda: direct_write(config.path, 8192, pattern(2, 4096)))
+        wait_for(lambda: disks.control.info(config.index).counters["queued"] == 1)
+        disks.control.reset(config.index, fail=True)
+        for w in (first, second):
+            w.join()
+            assert isinstance(w.error, OSError) and w.error.errno == errno.EIO
+        assert raw.put([raw.answer(held)]) == [-errno.ESTALE]
+    finally:
+        raw.close()
+    disks.serve(config)
+    direct_write(config.path, 0, pattern(3, 4096))
+    assert direct_read(config.path, 0, 4096) == pattern(3, 4096)
+
+
+def test_partitions(disks: Disks) -> None:
+    config = disks.create(64 * MiB)
+    disks.serve(config)
+    run("sfdisk", "--quiet", config.path, input="label: dos\n,16M\n,16M\n")
+    parts = [f"{config.path}p1", f"{config.path}p2"]
+    wait_for(lambda: all(os.path.exists(p) for p in parts))
+    direct_write(parts[0], 0, pattern(21, 64 * KiB))
+    direct_write(parts[1], 0, pattern(22, 64 * KiB))
+    assert direct_read(parts[0], 0, 64 * KiB) == pattern(21, 64 * KiB)
+    assert direct_read(parts[1], 0, 64 * KiB) == pattern(22, 64 * KiB)
+    with open(f"/sys/block/{config.name}/{config.name}p2/start") as f:
+        start = int(f.read()) * 512
+    assert direct_read(config.path, start, 64 * KiB) == pattern(22, 64 * KiB)
+
+
+def test_resize_while_open(disks: Disks) -> None:
+    config = disks.create(64 * MiB)
+    disks.serve(config)
+    fd = os.open(config.path, os.O_RDONLY)
+    try:
+        disks.control.resize(config.index, 128 * MiB)
+        with open(f"/sys/block/{config.name}/size") as f:
+            assert int(f.read()) * 512 == 128 * MiB
+        assert os.lseek(fd, 0, os.SEEK_END) == 128 * MiB
+        assert disks.control.info(config.index).config.size == 128 * MiB
+    finally:
+        os.close(fd)
+    direct_write(config.path, 100 * MiB, pattern(30, 4096))
+    assert direct_read(config.path, 100 * MiB, 4096) == pattern(30, 4096)
+
+
+def test_destroy_open_disk_is_busy_and_force_fails_io(disks: Disks) -> None:
+    config = disks.create(16 * MiB)
+    fd = os.open(config.path, os.O_RDONLY)
+    try:
+        with pytest.raises(DiskBusy):
+            disks.control.destroy(config.index)
+    finally:
+        os.close(fd)
+    writer = Background(lambda: direct_write(config.path, 0, pattern(40, 4096)))
+    raw = RawWorker(config.index)
+    try:
+        wait_for(lambda: disks.control.info(config.index).counters["queued"] == 1)
+        (held,) = raw.get()
+        queued = Background(lambda: direct_write(config.path, 8192, pattern(41, 4096)))
+        wait_for(lambda: disks.control.info(config.index).counters["queued"] == 1)
+        disks.control.destroy(config.index, force=True)
+        for w in (writer, queued):
+            w.join()
+            assert isinstance(w.error, OSError) and w.error.errno == errno.EIO
+        assert not os.path.exists(config.path)
+        expect_errno(raw_errno(raw.control.fileno(), uapi.ABUSE_IOC_GET, raw.xfer.arg), errno.ENODEV)
+        poller = select.poll()
+        poller.register(raw.control.fileno(), select.POLLIN)
+        assert poller.poll(0)[0][1] & select.POLLHUP
+        del held
+    finally:
+        raw.close()
+
+
+def test_unload_refused_while_disks_exist(request: pytest.FixtureRequest) -> None:
+    ko = os.environ.get("ABUSE_KO")
+    if not ko:
+        if request.config.getoption("--require-kernel"):
+            pytest.fail("ABUSE_KO not set: cannot reload the module")
+        pytest.skip("ABUSE_KO not set: the runner did not load the module")
+    with Control() as ctl:
+        index = ctl.create(16 * MiB).index
+    rmmod = subprocess.run(["rmmod", "abuse"], capture_output=True, text=True)
+    assert rmmod.returncode != 0 and "in use" in rmmod.stderr
+    with Control() as ctl:
+        ctl.destroy(index)
+    run("rmmod", "abuse")
+    assert not os.path.exists("/dev/abuse")
+    run("insmod", ko)
+    wait_for(lambda: os.path.exists("/dev/abuse"))
