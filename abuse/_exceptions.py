@@ -84,6 +84,14 @@ _BY_ERRNO: dict[int, type[AbuseError]] = {
 
 
 def error_from_errno(err: int, what: str) -> AbuseError:
-    """The AbuseError subclass for ``err``, with a message naming ``what``."""
+    """The AbuseError subclass for ``err``, with a message naming ``what``.
+
+    The kernel returns ENOENT/ENXIO and EPERM/EACCES only when the
+    control device is opened, so those messages say what to do about it.
+    """
     cls = _BY_ERRNO.get(err, AbuseError)
+    if cls is ControlDeviceMissing:
+        return cls(f"{what} not found: is the abuse module loaded? (make load)", err)
+    if cls is AbusePermissionError:
+        return cls(f"{what}: {os.strerror(err)} (needs root: CAP_SYS_ADMIN)", err)
     return cls(f"{what}: {os.strerror(err)}", err)

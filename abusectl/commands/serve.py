@@ -1,0 +1,135 @@
+"""Serve a disk from a backend with a pool of worker processes.
+
+Order, so that each mistake is reported before anything starts: the
+backend spec's shape is checked while parsing (before /dev/abuse is
+opened), then the disk is looked up (its size sizes the backend), then
+the backend is opened, and only then are workers started.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from typing import Callable, Protocol, TextIO
+
+from abuse import uapi
+from abuse._exceptions import AbuseError
+from abuse.backends import SPEC_CHOICES, open_backend
+from abuse.control import Control, DiskConfig
+from abuse.sizes import format_size
+from abusectl import args as types
+from abusectl.devices import disk_info, open_control
+
+log = logging.getLogger(__name__)
+
+
+class _WorkerStat(Protocol):
+    @property
+    def alive(self) -> bool: ...
+
+
+class _PoolView(Protocol):
+    """What the status line reads from abuse.pool.Pool."""
+
+    @property
+    def restarts(self) -> int: ...
+
+    def stats(self) -> Sequence[_WorkerStat]: ...
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``abusectl serve``."""
+    parser.add_argument("dev", type=types.dev, metavar="DEV", help="/dev/abuseN, abuseN or N")
+    parser.add_argument(
+        "--backend",
+        type=types.backend_spec,
+        required=True,
+        metavar="SPEC",
+        help=f"where the data lives: {', '.join(SPEC_CHOICES)}",
+    )
+    parser.add_argument("--workers", type=types.count, required=True, metavar="N", help="worker processes")
+    parser.add_argument(
+        "--batch",
+        type=types.count,
+        default=64,
+        metavar="N",
+        help=f"requests per GET, at most {uapi.ABUSE_MAX_BATCH} (default 64)",
+    )
+
+
+class StatusLine:
+    """The live one-line status of a served disk, rewritten on each tick.
+
+    Requests per second are the change of the ``completed`` counter; the
+    counters carry no byte totals, so there is no MB/s.
+    """
+
+    def __init__(
+        self,
+        control: Control,
+        config: DiskConfig,
+        out: TextIO,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._control = control
+        self._config = config
+        self._out = out
+        self._clock = clock
+        self._last: tuple[float, int] | None = None
+        self._shown = False
+
+    def __call__(self, pool: _PoolView) -> None:
+        try:
+            counters = self._control.info(self._config.index).counters
+        except AbuseError:
+            return  # the disk is going away; Pool.run notices and returns
+        now, completed = self._clock(), counters["completed"]
+        rate = 0.0
+        if self._last is not None and now > self._last[0]:
+            rate = (completed - self._last[1]) / (now - self._last[0])
+        self._last = (now, completed)
+        stats = pool.stats()
+        alive = sum(1 for stat in stats if stat.alive)
+        line = (
+            f"{self._config.path} {format_size(self._config.size)}: {rate:,.0f} req/s, "
+            f"{counters['in_flight']} in flight, {counters['queued']} queued, "
+            f"{alive}/{len(stats)} workers, {pool.restarts} restarts"
+        )
+        self._out.write("\r" + line + "\x1b[K")
+        self._out.flush()
+        self._shown = True
+
+    def finish(self) -> None:
+        """End the status line so that the shell prompt starts afresh."""
+        if self._shown:
+            self._out.write("\n")
+            self._out.flush()
+
+
+def run(args: argparse.Namespace) -> int:
+    """Serve until SIGINT/SIGTERM or the disk is destroyed; the pool's exit code.
+
+    On the way out one line on stderr gives the total of worker restarts.
+    """
+    if args.batch > uapi.ABUSE_MAX_BATCH:
+        raise ValueError(f"--batch {args.batch} is more than the module's limit {uapi.ABUSE_MAX_BATCH}")
+    with open_control() as control:
+        config = disk_info(control, args.dev).config
+        with open_backend(args.backend, config.size) as backend:
+            # Imported here: only serving needs psutil and the process machinery.
+            from abuse.pool import Pool
+
+            pool = Pool(config.index, backend, workers=args.workers, batch=args.batch)
+            status = StatusLine(control, config, sys.stdout) if sys.stdout.isatty() else None
+            log.info("serving %s from %s with %d workers", config.path, args.backend, args.workers)
+            try:
+                code = int(pool.run(on_tick=status, tick=1.0))
+            finally:
+                if status is not None:
+                    status.finish()
+            summary = f"workers: {args.workers}, restarts: {pool.restarts}"
+            print(f"abusectl: stopped serving {config.path}: {summary}", file=sys.stderr)
+            return code

@@ -1,0 +1,100 @@
+"""Drive the real CLI: create a disk, serve it with a pool, clean up."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import psutil
+
+from tests.kernel.conftest import run, wait_for
+
+ABUSECTL = [sys.executable, "-m", "abusectl"]
+
+
+def abusectl(*args: str) -> str:
+    return run(*ABUSECTL, *args).stdout.strip()
+
+
+@contextmanager
+def served_disk(size: str, backend: str, workers: int, *create_args: str) -> Iterator[tuple[str, subprocess.Popen[str]]]:
+    """A disk made with `abusectl create` and served by `abusectl serve`."""
+    dev = abusectl("create", "--size", size, *create_args)
+    serve = subprocess.Popen(
+        [*ABUSECTL, "serve", dev, "--backend", backend, "--workers", str(workers)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        wait_for(lambda: len(worker_pids(serve)) == workers or serve.poll() is not None)
+        assert serve.poll() is None, serve.communicate()[0]
+        yield dev, serve
+    finally:
+        stop_pool(serve)
+        subprocess.run([*ABUSECTL, "destroy", dev, "--force"], capture_output=True)
+
+
+def worker_pids(serve: subprocess.Popen[str]) -> list[int]:
+    try:
+        return [p.pid for p in psutil.Process(serve.pid).children()]
+    except psutil.NoSuchProcess:
+        return []
+
+
+def stop_pool(serve: subprocess.Popen[str]) -> str:
+    if serve.poll() is None:
+        for pid in worker_pids(serve):
+            try:
+                os.kill(pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+        serve.send_signal(signal.SIGTERM)
+    out, _ = serve.communicate(timeout=60)
+    return out
+
+
+def pool_rss(serve: subprocess.Popen[str]) -> int:
+    procs = [psutil.Process(serve.pid), *psutil.Process(serve.pid).children()]
+    return sum(p.memory_info().rss for p in procs)
+
+
+def write_files(root: Path, count: int, size: int) -> dict[str, str]:
+    sums = {}
+    for i in range(count):
+        data = os.urandom(size)
+        (root / f"f{i}").write_bytes(data)
+        sums[f"f{i}"] = hashlib.sha256(data).hexdigest()
+    return sums
+
+
+def check_files(root: Path, sums: dict[str, str]) -> None:
+    for name, digest in sums.items():
+        assert hashlib.sha256((root / name).read_bytes()).hexdigest() == digest, name
+
+
+def drop_caches() -> None:
+    os.sync()
+    Path("/proc/sys/vm/drop_caches").write_text("3\n")
+
+
+@contextmanager
+def mounted(dev: str, mnt: Path, *options: str) -> Iterator[Path]:
+    mnt.mkdir(parents=True, exist_ok=True)
+    run("mount", *options, dev, str(mnt))
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", str(mnt)], capture_output=True)
+
+
+def fio(dev: str, *args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["fio", "--name=verify", f"--filename={dev}", "--direct=1", "--ioengine=libaio",
+         "--verify=crc32c", "--verify_fatal=1", "--output-format=terse", *args],
+        capture_output=True, text=True, timeout=timeout,
+    )

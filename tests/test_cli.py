@@ -1,0 +1,530 @@
+"""abusectl through ``main([...])``: output, exit status, one-line errors.
+
+No kernel is needed.  The autouse fixture points the control device at a
+path that does not exist, so nothing here depends on the host's
+/dev/abuse; tests that need disks swap in a FakeControl instead.
+"""
+
+from __future__ import annotations
+
+import errno
+import io
+import json
+import sys
+import types
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import abuse
+import abuse.control
+import abusectl.devices
+from abuse import DiskConfig, DiskInfo, uapi
+from abuse._exceptions import AbuseError, error_from_errno
+from abuse.backends import Backend, MemoryBackend
+from abuse.control import CONTROL_PATH
+from abusectl.__main__ import main
+from abusectl.commands.serve import StatusLine
+from abusectl.devices import parse_dev
+
+G = 1 << 30
+COUNTERS = ("queued", "in_flight", "completed", "errors", "requeued", "timeouts", "rejected", "attached")
+
+
+@pytest.fixture(autouse=True)
+def missing_control(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    path = str(tmp_path / "abuse")
+    monkeypatch.setattr(abuse.control, "CONTROL_PATH", path)
+    return path
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def one_line(err: str) -> str:
+    lines = err.splitlines()
+    assert len(lines) == 1, f"want one stderr line, got {err!r}"
+    assert "Traceback" not in err
+    return lines[0]
+
+
+def disk(index: int, size: int = 10 * G, flags: int = uapi.ABUSE_F_FLUSH, **counters: int) -> DiskInfo:
+    config = DiskConfig(
+        index=index,
+        block_size=4096,
+        size=size,
+        flags=flags,
+        queue_depth=128,
+        max_request_bytes=1 << 20,
+        timeout_ms=30000,
+        retries=3,
+    )
+    return DiskInfo(config, {name: counters.get(name, 0) for name in COUNTERS})
+
+
+class FakeControl:
+    """Stands in for abuse.Control: disks in a dict, calls recorded."""
+
+    def __init__(self, *disks: DiskInfo) -> None:
+        self.disks = {info.config.index: info for info in disks}
+        self.calls: list[tuple[str, Any]] = []
+        self.busy = False
+
+    def __enter__(self) -> FakeControl:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.calls.append(("close", None))
+
+    def info(self, index: int) -> DiskInfo:
+        if index not in self.disks:
+            raise error_from_errno(errno.ENODEV, "info")
+        return self.disks[index]
+
+    def list(self) -> list[int]:
+        return sorted(self.disks)
+
+    def create(self, size: int, **kwargs: int) -> DiskConfig:
+        self.calls.append(("create", {"size": size, **kwargs}))
+        return disk(len(self.disks), size).config
+
+    def destroy(self, index: int, force: bool = False) -> None:
+        if self.busy and not force:
+            raise error_from_errno(errno.EBUSY, "destroy")
+        self.calls.append(("destroy", (index, force)))
+
+    def reset(self, index: int, fail: bool = False) -> None:
+        self.calls.append(("reset", (index, fail)))
+
+    def resize(self, index: int, size: int) -> None:
+        self.calls.append(("resize", (index, size)))
+
+
+@pytest.fixture
+def control(monkeypatch: pytest.MonkeyPatch) -> FakeControl:
+    fake = FakeControl(
+        disk(0), disk(3, size=512 << 20, flags=uapi.ABUSE_F_READ_ONLY, completed=42, attached=2)
+    )
+    monkeypatch.setattr(abusectl.devices, "Control", lambda path: fake)
+    return fake
+
+
+@dataclass
+class WorkerStat:
+    pid: int
+    cpu_percent: float
+    rss: int
+    restarts: int
+    alive: bool
+
+
+class FakePool:
+    """Stands in for abuse.pool.Pool (written in parallel); records its use."""
+
+    made: list[FakePool] = []
+
+    def __init__(self, index: int, backend: Backend, workers: int, batch: int = 64) -> None:
+        self.index, self.backend, self.workers, self.batch = index, backend, workers, batch
+        self.restarts = 0
+        self.ran: dict[str, Any] = {}
+        FakePool.made.append(self)
+
+    def run(self, on_tick: Any = None, tick: float = 1.0) -> int:
+        self.ran = {"on_tick": on_tick, "tick": tick}
+        self.backend_size_at_run = self.backend.size
+        return 0
+
+    def stats(self) -> list[WorkerStat]:
+        return [WorkerStat(100 + i, 0.0, 0, 0, True) for i in range(self.workers)]
+
+
+@pytest.fixture
+def pool(monkeypatch: pytest.MonkeyPatch) -> type[FakePool]:
+    module = types.ModuleType("abuse.pool")
+    module.Pool = FakePool  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "abuse.pool", module)
+    FakePool.made = []
+    return FakePool
+
+
+# --- version, help, usage -------------------------------------------------
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run(capsys, "--version")
+    assert code == 0
+    assert out == f"abusectl {abuse.__version__} (uapi {uapi.ABUSE_VERSION})\n"
+
+
+@pytest.mark.parametrize("verb", ["create", "serve", "status", "list", "reset", "resize", "destroy"])
+def test_help(capsys: pytest.CaptureFixture[str], verb: str) -> None:
+    code, out, err = run(capsys, verb, "--help")
+    assert code == 0
+    assert out.startswith(f"usage: abusectl {verb}")
+
+
+@pytest.mark.parametrize(
+    ("argv", "says"),
+    [
+        ([], "required: COMMAND"),
+        (["frobnicate"], "invalid choice: 'frobnicate'"),
+        (["create"], "required: --size"),
+        (["create", "--size", "0"], "invalid size '0': must be greater than zero"),
+        (["create", "--size", "ten"], "invalid size 'ten'"),
+        (["create", "--size=-1G"], "invalid size '-1G'"),
+        (["create", "--size", "-1G"], "--size: expected one argument"),
+        (["create", "--size", "1G", "--block-size", "0"], "invalid size '0'"),
+        (["create", "--size", "1G", "--timeout", "-1"], "invalid time '-1'"),
+        (["create", "--size", "1G", "--timeout", "soon"], "invalid time 'soon'"),
+        (["create", "--size", "1G", "--retries", "-1"], "invalid number '-1'"),
+        (["create", "--size", "1G", "--queue-depth", "0"], "invalid count '0'"),
+        (["serve", "0", "--backend", "bogus", "--workers", "1"], "bad backend 'bogus'"),
+        (["serve", "0", "--backend", "file:", "--workers", "1"], "bad backend 'file:'"),
+        (["serve", "0", "--backend", "memory", "--workers", "0"], "invalid count '0'"),
+        (["serve", "0", "--backend", "memory"], "required: --workers"),
+        (["serve", "/dev/sda", "--backend", "memory", "--workers", "1"], "not an abuse disk: /dev/sda"),
+        (["serve", "foo", "--backend", "memory", "--workers", "1"], "not an abuse disk: foo"),
+        (["status", "/dev/sda"], "not an abuse disk: /dev/sda"),
+        (["status", "foo"], "not an abuse disk: foo"),
+        (["reset", "/dev/abuse0p1"], "not an abuse disk: /dev/abuse0p1"),
+        (["resize", "0", "--size", "ten"], "invalid size 'ten'"),
+        (["resize", "0"], "required: --size"),
+        (["destroy", "sda"], "not an abuse disk: sda"),
+        (["destroy"], "required: DEV"),
+    ],
+)
+def test_usage_errors_are_one_line(capsys: pytest.CaptureFixture[str], argv: list[str], says: str) -> None:
+    code, out, err = run(capsys, *argv)
+    assert code == 2
+    assert says in one_line(err)
+    assert out == ""
+
+
+# --- no /dev/abuse ----------------------------------------------------------
+
+
+def test_missing_module_message_names_dev_abuse() -> None:
+    assert str(error_from_errno(errno.ENOENT, CONTROL_PATH)) == (
+        "/dev/abuse not found: is the abuse module loaded? (make load)"
+    )
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["create", "--size", "10G"],
+        ["status"],
+        ["status", "0"],
+        ["status", "--json"],
+        ["list"],
+        ["reset", "0"],
+        ["reset", "abuse0", "--fail"],
+        ["resize", "/dev/abuse0", "--size", "1G"],
+        ["destroy", "0"],
+        ["destroy", "0", "--force"],
+        ["serve", "0", "--backend", "memory", "--workers", "1"],
+        ["serve", "0", "--backend", "file:/no/such/dir/img", "--workers", "1"],
+    ],
+)
+def test_without_the_module(
+    capsys: pytest.CaptureFixture[str], missing_control: str, argv: list[str]
+) -> None:
+    code, out, err = run(capsys, *argv)
+    assert code == 1
+    assert one_line(err) == f"abusectl: {missing_control} not found: is the abuse module loaded? (make load)"
+    assert out == ""
+
+
+def test_permission_denied_is_one_line(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def denied(path: str) -> None:
+        raise error_from_errno(errno.EACCES, path)
+
+    monkeypatch.setattr(abusectl.devices, "Control", denied)
+    code, out, err = run(capsys, "list")
+    assert code == 1
+    assert "Permission denied" in one_line(err)
+
+
+def test_bugs_are_not_hidden(monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(path: str) -> None:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(abusectl.devices, "Control", broken)
+    with pytest.raises(RuntimeError):
+        main(["list"])
+
+
+# --- DEV names --------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "index"), [("/dev/abuse0", 0), ("abuse12", 12), ("7", 7), ("4294967295", 2**32 - 1)]
+)
+def test_parse_dev(text: str, index: int) -> None:
+    assert parse_dev(text) == index
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["/dev/sda", "foo", "", "abuse", "/dev/abuse", "/dev/abuse0p1", "-1", "01", "abuse 1", "4294967296"],
+)
+def test_parse_dev_rejects(text: str) -> None:
+    with pytest.raises(ValueError) as info:
+        parse_dev(text)
+    assert str(info.value) == f"not an abuse disk: {text}"
+
+
+def test_parse_dev_follows_symlinks(tmp_path: Path) -> None:
+    link = tmp_path / "by-id"
+    link.symlink_to("/dev/abuse5")
+    assert parse_dev(str(link)) == 5
+
+
+# --- create -------------------------------------------------------------------
+
+
+def test_create(capsys: pytest.CaptureFixture[str], control: FakeControl) -> None:
+    code, out, err = run(capsys, "create", "--size", "10G")
+    assert (code, out, err) == (0, "/dev/abuse2\n", "")
+    assert control.calls[0] == (
+        "create",
+        {
+            "size": 10 * G,
+            "block_size": 4096,
+            "flags": uapi.ABUSE_F_FLUSH,
+            "queue_depth": 0,
+            "max_request_bytes": 0,
+            "timeout_ms": 30000,
+            "retries": 3,
+        },
+    )
+
+
+def test_create_options(capsys: pytest.CaptureFixture[str], control: FakeControl) -> None:
+    argv = ["create", "--size", "64M", "--block-size", "512", "--read-only", "--no-flush", "--discard"]
+    argv += ["--timeout", "0.5", "--retries", "0", "--queue-depth", "32", "--max-request", "256K"]
+    code, out, err = run(capsys, *argv)
+    assert code == 0
+    _, kwargs = control.calls[0]
+    assert kwargs["flags"] == uapi.ABUSE_F_READ_ONLY | uapi.ABUSE_F_DISCARD
+    assert kwargs["block_size"] == 512
+    assert kwargs["timeout_ms"] == 500
+    assert kwargs["retries"] == 0
+    assert kwargs["queue_depth"] == 32
+    assert kwargs["max_request_bytes"] == 256 << 10
+
+
+def test_create_timeout_zero_waits_forever(capsys: pytest.CaptureFixture[str], control: FakeControl) -> None:
+    assert run(capsys, "create", "--size", "1G", "--timeout", "0")[0] == 0
+    assert control.calls[0][1]["timeout_ms"] == 0
+
+
+@pytest.mark.parametrize(
+    ("argv", "says"),
+    [
+        (["--size", "10000"], "not a multiple of the block size 4096"),
+        (["--size", "1G", "--block-size", "1000"], "block size must be one of 512, 1024, 2048, 4096"),
+    ],
+)
+def test_create_checks_before_the_kernel(
+    capsys: pytest.CaptureFixture[str], control: FakeControl, argv: list[str], says: str
+) -> None:
+    code, out, err = run(capsys, "create", *argv)
+    assert code == 1
+    assert says in one_line(err)
+    assert control.calls == []
+
+
+# --- status, list -----------------------------------------------------------
+
+
+def test_status_table(capsys: pytest.CaptureFixture[str], control: FakeControl) -> None:
+    code, out, err = run(capsys, "status")
+    assert code == 0
+    header, *rows = out.splitlines()
+    assert header.split() == [
+        "INDEX",
+        "PATH",
+        "SIZE",
+        "BS",
+        "FLAGS",
+        "QUEUED",
+        "IN_FLIGHT",
+        "COMPLETED",
+        "ERRORS",
+        "REQUEUED",
+        "ATTACHED",
+    ]
+    assert rows[0].split() == ["0", "/dev/abuse0", "10G", "4096", "flush", "0", "0", "0", "0", "0", "0"]
+    assert rows[1].split() == ["3", "/dev/abuse3", "512M", "4096", "read-only", "0", "0", "42", "0", "0", "2"]
+
+
+def test_status_json(capsys: pytest.CaptureFixture[str], control: FakeControl) -> None:
+    code, out, err = run(capsys, "status", "/dev/abuse3", "--json")
+    assert code == 0
+    (record,) = json.loads(out)
+    assert record["index"] == 3
+    assert record["path"] == "/dev/abuse3"
+    assert record["size"] == 512 << 20
+    assert record["flags"] == ["read-only"]
+    assert record["completed"] == 42
+    assert record["attached"] == 2
+
+
+def test_status_of_a_missing_disk(capsys: pytest.CaptureFixture[str], control: FakeControl) -> None:
+    code, out, err = run(capsys, "status", "abuse9")
+    assert code == 1
+    assert one_line(err) == "abusectl: /dev/abuse9: no such abuse disk"
+
+
+def test_list(capsys: pytest.CaptureFixture[str], control: FakeControl) -> None:
+    assert run(capsys, "list") == (0, "/dev/abuse0\n/dev/abuse3\n", "")
+    assert json.loads(run(capsys, "list", "--json")[1]) == ["/dev/abuse0", "/dev/abuse3"]
+
+
+# --- reset, resize, destroy ---------------------------------------------------
+
+
+def test_reset(capsys: pytest.CaptureFixture[str], control: FakeControl) -> None:
+    assert run(capsys, "reset", "3", "--fail") == (0, "", "")
+    assert ("reset", (3, True)) in control.calls
+
+
+def test_resize(capsys: pytest.CaptureFixture[str], control: FakeControl) -> None:
+    assert run(capsys, "resize", "abuse0", "--size", "20G") == (0, "", "")
+    assert ("resize", (0, 20 * G)) in control.calls
+
+
+def test_resize_to_a_partial_block(capsys: pytest.CaptureFixture[str], control: FakeControl) -> None:
+    code, out, err = run(capsys, "resize", "0", "--size", "1000")
+    assert code == 1
+    assert "not a multiple of the block size 4096" in one_line(err)
+
+
+def test_destroy(capsys: pytest.CaptureFixture[str], control: FakeControl) -> None:
+    assert run(capsys, "destroy", "/dev/abuse3", "--force") == (0, "", "")
+    assert ("destroy", (3, True)) in control.calls
+
+
+def test_destroy_busy_says_force(capsys: pytest.CaptureFixture[str], control: FakeControl) -> None:
+    control.busy = True
+    code, out, err = run(capsys, "destroy", "0")
+    assert code == 1
+    assert one_line(err) == "abusectl: /dev/abuse0 is in use: close it, or --force to fail its I/O"
+
+
+@pytest.mark.parametrize("verb", [["reset"], ["destroy"], ["resize", "--size", "1G"]])
+def test_missing_disk(capsys: pytest.CaptureFixture[str], control: FakeControl, verb: list[str]) -> None:
+    code, out, err = run(capsys, verb[0], "8", *verb[1:])
+    assert code == 1
+    assert one_line(err) == "abusectl: /dev/abuse8: no such abuse disk"
+
+
+# --- serve ------------------------------------------------------------------
+
+
+def test_serve(capsys: pytest.CaptureFixture[str], control: FakeControl, pool: type[FakePool]) -> None:
+    code, out, err = run(
+        capsys, "serve", "/dev/abuse3", "--backend", "memory", "--workers", "2", "--batch", "8"
+    )
+    assert (code, out) == (0, "")
+    assert one_line(err) == "abusectl: stopped serving /dev/abuse3: workers: 2, restarts: 0"
+    (made,) = pool.made
+    assert (made.index, made.workers, made.batch) == (3, 2, 8)
+    assert isinstance(made.backend, MemoryBackend)
+    assert made.backend_size_at_run == 512 << 20
+    assert made.ran == {"on_tick": None, "tick": 1.0}  # stdout is not a terminal
+    assert made.backend.fd == -1, "backend closed after the pool returned"
+
+
+def test_serve_file_in_a_missing_directory(
+    capsys: pytest.CaptureFixture[str], control: FakeControl, pool: type[FakePool], tmp_path: Path
+) -> None:
+    spec = f"file:{tmp_path}/no/such/disk.img"
+    code, out, err = run(capsys, "serve", "0", "--backend", spec, "--workers", "1")
+    assert code == 1
+    assert one_line(err) == f"abusectl: backend {spec!r}: directory {tmp_path}/no/such does not exist"
+    assert pool.made == [], "no worker starts without a backend"
+
+
+def test_serve_python_backend_that_is_missing(
+    capsys: pytest.CaptureFixture[str], control: FakeControl, pool: type[FakePool]
+) -> None:
+    code, out, err = run(
+        capsys, "serve", "0", "--backend", "python:no_such_module_abuse:Disk", "--workers", "1"
+    )
+    assert code == 1
+    assert "no module named 'no_such_module_abuse'" in one_line(err)
+    assert pool.made == []
+
+
+def test_serve_a_missing_disk(
+    capsys: pytest.CaptureFixture[str], control: FakeControl, pool: type[FakePool]
+) -> None:
+    code, out, err = run(capsys, "serve", "5", "--backend", "memory", "--workers", "1")
+    assert code == 1
+    assert one_line(err) == "abusectl: /dev/abuse5: no such abuse disk"
+    assert pool.made == []
+
+
+def test_serve_batch_over_the_limit(
+    capsys: pytest.CaptureFixture[str], control: FakeControl, pool: type[FakePool]
+) -> None:
+    batch = str(uapi.ABUSE_MAX_BATCH + 1)
+    code, out, err = run(capsys, "serve", "0", "--backend", "null", "--workers", "1", "--batch", batch)
+    assert code == 1
+    assert "--batch" in one_line(err)
+
+
+def test_serve_unknown_backend_fails_before_dev_abuse(capsys: pytest.CaptureFixture[str]) -> None:
+    # The spec's shape is checked while parsing, so the control device
+    # (missing here) is never reached.
+    code, out, err = run(capsys, "serve", "0", "--backend", "nbd:x", "--workers", "1")
+    assert code == 2
+    assert "bad backend 'nbd:x'" in one_line(err)
+
+
+def test_status_line() -> None:
+    control = FakeControl(disk(0, completed=1000, in_flight=3, queued=5))
+    pool = FakePool(0, MemoryBackend(4096), workers=4)
+    pool.restarts = 1
+    times = iter([10.0, 10.5])
+    out = io.StringIO()
+    line = StatusLine(control, control.disks[0].config, out, clock=lambda: next(times))  # type: ignore[arg-type]
+    line(pool)
+    control.disks[0] = disk(0, completed=1500, in_flight=3, queued=5)
+    line(pool)
+    line.finish()
+    first, second = out.getvalue().split("\r")[1:]
+    assert first.startswith("/dev/abuse0 10G: 0 req/s, 3 in flight, 5 queued, 4/4 workers, 1 restarts")
+    assert second.startswith("/dev/abuse0 10G: 1,000 req/s")
+    assert second.endswith("\n")
+    pool.backend.close()
+
+
+def test_status_line_skips_a_vanished_disk() -> None:
+    control = FakeControl()
+    out = io.StringIO()
+    line = StatusLine(control, disk(0).config, out)  # type: ignore[arg-type]
+    line(FakePool(0, MemoryBackend(4096), workers=1))
+    line.finish()
+    assert out.getvalue() == ""
+
+
+def test_abuse_errors_pickle() -> None:
+    import pickle
+
+    err = error_from_errno(errno.ENOENT, CONTROL_PATH)
+    again = pickle.loads(pickle.dumps(err))
+    assert isinstance(again, AbuseError)
+    assert str(again) == str(err)
