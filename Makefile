@@ -25,6 +25,7 @@ module:
 # Recursive so that KVER is read after deps has installed the kernel.
 test: deps
 	$(MAKE) module
+	$(MAKE) check
 	$(MAKE) test-host
 	$(MAKE) test-kernel
 
@@ -37,6 +38,9 @@ test-kernel:
 run: deps
 	$(MAKE) module
 	scripts/kernel-tier --run
+
+check:
+	scripts/check
 
 load:
 	insmod kernel/abuse.ko

@@ -223,4 +223,3 @@ class Xfer:
             err = uapi.ffi.errno
             raise OSError(err, os.strerror(err))
         return int(arg.nr_requests)
-

@@ -620,20 +620,19 @@ static int abuse_put_one(struct abuse_device *dev, struct file *file,
 	err = abuse_copy_from_worker(rq, u64_to_user_ptr(reply->data));
 
 	spin_lock_irq(&dev->lock);
-	if (cmd->fail_pending) {
-		/* Failed by RESET or DESTROY meanwhile: the answer is late. */
-		abuse_retire(dev, rq, BLK_STS_IOERR);
-		status = BLK_STS_IOERR;
-		err = -ESTALE;
-	} else if (err) {
+	if (!cmd->fail_pending && err) {
 		/* Keep it; this (live) file may PUT it again. */
 		abuse_set_state(dev, rq, ABUSE_CMD_IN_FLIGHT);
 		cmd->holder = file;
 		spin_unlock_irq(&dev->lock);
 		return err;
-	} else {
-		abuse_retire(dev, rq, BLK_STS_OK);
 	}
+	if (cmd->fail_pending) {
+		/* Failed by RESET or DESTROY meanwhile: the answer is late. */
+		status = BLK_STS_IOERR;
+		err = -ESTALE;
+	}
+	abuse_retire(dev, rq, status);
 	spin_unlock_irq(&dev->lock);
 	blk_mq_end_request(rq, status);
 	return err;

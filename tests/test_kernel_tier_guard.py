@@ -14,7 +14,10 @@ ONE_KERNEL_TEST = "tests/kernel/test_driver.py::test_info_reports_config"
 def _pytest(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", *args],
-        cwd=ROOT, env=env, capture_output=True, text=True,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
     )
 
 
@@ -41,7 +44,10 @@ def test_kernel_test_skips_without_module_outside_ci() -> None:
 
 def test_vm_run_fails_when_the_module_is_missing(tmp_path: Path) -> None:
     proc = subprocess.run(
-        ["scripts/vm-run"], cwd=ROOT, capture_output=True, text=True,
+        ["scripts/vm-run"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
         env={**os.environ, "ABUSE_KO": str(tmp_path / "abuse.ko"), "OUT": str(tmp_path / "out")},
     )
     assert proc.returncode != 0

@@ -20,13 +20,11 @@ STRUCTS = sorted(
 
 
 def _probe_source() -> str:
-    lines = ['#include <stdio.h>', '#include <stddef.h>', f'#include "{HEADER}"', "int main(void) {"]
+    lines = ["#include <stdio.h>", "#include <stddef.h>", f'#include "{HEADER}"', "int main(void) {"]
     for struct in STRUCTS:
         lines.append(f'printf("sizeof {struct} %zu\\n", sizeof(struct {struct}));')
         for field, _ in uapi.ffi.typeof(f"struct {struct}").fields:
-            lines.append(
-                f'printf("offsetof {struct}.{field} %zu\\n", offsetof(struct {struct}, {field}));'
-            )
+            lines.append(f'printf("offsetof {struct}.{field} %zu\\n", offsetof(struct {struct}, {field}));')
     for name in list(uapi.constants) + list(uapi.ioctls):
         lines.append(f'printf("value {name} %llu\\n", (unsigned long long)({name}));')
     lines += ["return 0;", "}"]
@@ -46,8 +44,14 @@ def compiled(tmp_path_factory: pytest.TempPathFactory) -> dict[str, int]:
 
 def test_every_struct_is_mirrored() -> None:
     assert set(STRUCTS) == {
-        "abuse_config", "abuse_counters", "abuse_info", "abuse_target",
-        "abuse_version", "abuse_request", "abuse_reply", "abuse_xfer",
+        "abuse_config",
+        "abuse_counters",
+        "abuse_info",
+        "abuse_target",
+        "abuse_version",
+        "abuse_request",
+        "abuse_reply",
+        "abuse_xfer",
     }
 
 

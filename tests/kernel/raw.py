@@ -74,7 +74,9 @@ def raw_errno(fd: int, number: int, arg: Any) -> int:
 
 
 def expect_errno(err: int, *allowed: int) -> None:
-    assert err in allowed, f"got {errno.errorcode.get(err, err)}, want {[errno.errorcode[a] for a in allowed]}"
+    assert err in allowed, (
+        f"got {errno.errorcode.get(err, err)}, want {[errno.errorcode[a] for a in allowed]}"
+    )
 
 
 def unmapped_address() -> int:

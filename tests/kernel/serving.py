@@ -23,12 +23,16 @@ def abusectl(*args: str) -> str:
 
 
 @contextmanager
-def served_disk(size: str, backend: str, workers: int, *create_args: str) -> Iterator[tuple[str, subprocess.Popen[str]]]:
+def served_disk(
+    size: str, backend: str, workers: int, *create_args: str
+) -> Iterator[tuple[str, subprocess.Popen[str]]]:
     """A disk made with `abusectl create` and served by `abusectl serve`."""
     dev = abusectl("create", "--size", size, *create_args)
     serve = subprocess.Popen(
         [*ABUSECTL, "serve", dev, "--backend", backend, "--workers", str(workers)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     try:
         wait_for(lambda: len(worker_pids(serve)) == workers or serve.poll() is not None)
@@ -94,7 +98,18 @@ def mounted(dev: str, mnt: Path, *options: str) -> Iterator[Path]:
 
 def fio(dev: str, *args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        ["fio", "--name=verify", f"--filename={dev}", "--direct=1", "--ioengine=libaio",
-         "--verify=crc32c", "--verify_fatal=1", "--output-format=terse", *args],
-        capture_output=True, text=True, timeout=timeout,
+        [
+            "fio",
+            "--name=verify",
+            f"--filename={dev}",
+            "--direct=1",
+            "--ioengine=libaio",
+            "--verify=crc32c",
+            "--verify_fatal=1",
+            "--output-format=terse",
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )

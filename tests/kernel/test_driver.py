@@ -13,7 +13,7 @@ import pytest
 from abuse import DiskBusy, InvalidRequest, uapi
 from abuse.control import Control
 from tests.kernel.blockio import Background, direct_read, direct_write, pattern
-from tests.kernel.conftest import MiB, Disks, run, wait_for
+from tests.kernel.conftest import Disks, MiB, run, wait_for
 from tests.kernel.raw import RawWorker, expect_errno, raw_errno, unmapped_address
 
 ffi = uapi.ffi
@@ -52,8 +52,13 @@ def test_pattern_round_trip_and_counters(disks: Disks) -> None:
 
 def test_info_reports_config(disks: Disks) -> None:
     config = disks.create(
-        64 * MiB, block_size=512, flags=uapi.ABUSE_F_FLUSH | uapi.ABUSE_F_DISCARD,
-        queue_depth=64, max_request_bytes=256 * KiB, timeout_ms=5000, retries=3,
+        64 * MiB,
+        block_size=512,
+        flags=uapi.ABUSE_F_FLUSH | uapi.ABUSE_F_DISCARD,
+        queue_depth=64,
+        max_request_bytes=256 * KiB,
+        timeout_ms=5000,
+        retries=3,
     )
     got = disks.control.info(config.index).config
     assert got == config
@@ -113,8 +118,7 @@ def test_closed_worker_requests_are_requeued(disks: Disks) -> None:
     config = disks.create(16 * MiB)
     holder = RawWorker(config.index)
     writers = [
-        Background(lambda i=i: direct_write(config.path, i * 8192, pattern(10 + i, 8192)))
-        for i in range(4)
+        Background(lambda i=i: direct_write(config.path, i * 8192, pattern(10 + i, 8192))) for i in range(4)
     ]
     held = []
     wait_for(lambda: disks.control.info(config.index).counters["queued"] == 4)
@@ -192,12 +196,20 @@ def test_bad_ioctls_get_clean_errors(disks: Disks) -> None:
         expect_errno(raw_errno(fd, uapi.ABUSE_IOC_GET + (1 << 16), xfer), errno.ENOTTY)
         # Bad argument pointers.
         expect_errno(raw_errno(fd, uapi.ABUSE_IOC_INFO, ffi.NULL), errno.EFAULT)
-        expect_errno(raw_errno(fd, uapi.ABUSE_IOC_CREATE, ffi.cast("void *", unmapped_address())), errno.EFAULT)
+        expect_errno(
+            raw_errno(fd, uapi.ABUSE_IOC_CREATE, ffi.cast("void *", unmapped_address())), errno.EFAULT
+        )
         # CREATE argument checks.
         for field, value in [
-            ("block_size", 1000), ("block_size", 8192), ("size", 0), ("size", 4097),
-            ("flags", 1 << 40), ("queue_depth", 5000), ("max_request_bytes", 100),
-            ("timeout_ms", 1 << 31), ("retries", 1 << 20),
+            ("block_size", 1000),
+            ("block_size", 8192),
+            ("size", 0),
+            ("size", 4097),
+            ("flags", 1 << 40),
+            ("queue_depth", 5000),
+            ("max_request_bytes", 100),
+            ("timeout_ms", 1 << 31),
+            ("retries", 1 << 20),
         ]:
             cfg = ffi.new("struct abuse_config *", {"size": MiB, "block_size": 4096})
             setattr(cfg, field, value)
@@ -220,8 +232,10 @@ def test_bad_ioctls_get_clean_errors(disks: Disks) -> None:
             ctl.attach(config.index)
         # GET argument checks.
         for field, value, want in [
-            ("flags", 2, errno.EINVAL), ("__pad", 1, errno.EINVAL),
-            ("nr_replies", 1, errno.EINVAL), ("max_requests", uapi.ABUSE_MAX_BATCH + 1, errno.E2BIG),
+            ("flags", 2, errno.EINVAL),
+            ("__pad", 1, errno.EINVAL),
+            ("nr_replies", 1, errno.EINVAL),
+            ("max_requests", uapi.ABUSE_MAX_BATCH + 1, errno.E2BIG),
         ]:
             xfer = ffi.new("struct abuse_xfer *", {"flags": uapi.ABUSE_XFER_NOWAIT})
             setattr(xfer, field, value)
@@ -238,10 +252,16 @@ def test_get_faults_and_small_buffers_lose_nothing(disks: Disks) -> None:
         wait_for(lambda: disks.control.info(config.index).counters["queued"] == 1)
         fd = ctl.fileno()
         requests = ffi.new("struct abuse_request[]", 4)
-        xfer = ffi.new("struct abuse_xfer *", {
-            "requests": int(ffi.cast("uintptr_t", requests)), "max_requests": 4,
-            "flags": uapi.ABUSE_XFER_NOWAIT, "buffer": unmapped_address(), "buffer_size": MiB,
-        })
+        xfer = ffi.new(
+            "struct abuse_xfer *",
+            {
+                "requests": int(ffi.cast("uintptr_t", requests)),
+                "max_requests": 4,
+                "flags": uapi.ABUSE_XFER_NOWAIT,
+                "buffer": unmapped_address(),
+                "buffer_size": MiB,
+            },
+        )
         expect_errno(raw_errno(fd, uapi.ABUSE_IOC_GET, xfer), errno.EFAULT)
         xfer.buffer_size = 4096  # smaller than the 64 KiB request
         expect_errno(raw_errno(fd, uapi.ABUSE_IOC_GET, xfer), errno.ENOBUFS)

@@ -12,8 +12,16 @@ from pathlib import Path
 
 from tests.kernel.conftest import run, wait_for
 from tests.kernel.serving import (
-    abusectl, check_files, drop_caches, fio, mounted, pool_rss, served_disk,
-    stop_pool, worker_pids, write_files,
+    abusectl,
+    check_files,
+    drop_caches,
+    fio,
+    mounted,
+    pool_rss,
+    served_disk,
+    stop_pool,
+    worker_pids,
+    write_files,
 )
 
 MiB = 1 << 20
@@ -72,10 +80,25 @@ def test_readme_example_backend_passes_fio_verify() -> None:
 def test_kill_9_workers_during_fio_verify() -> None:
     with served_disk("256M", "memory", 4, "--timeout", "5") as (dev, serve):
         job = subprocess.Popen(
-            ["fio", "--name=kill", f"--filename={dev}", "--direct=1", "--ioengine=libaio",
-             "--rw=randwrite", "--bs=4k", "--size=64M", "--iodepth=16", "--time_based",
-             "--runtime=30", "--verify=crc32c", "--verify_fatal=1", "--verify_backlog=256"],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            [
+                "fio",
+                "--name=kill",
+                f"--filename={dev}",
+                "--direct=1",
+                "--ioengine=libaio",
+                "--rw=randwrite",
+                "--bs=4k",
+                "--size=64M",
+                "--iodepth=16",
+                "--time_based",
+                "--runtime=30",
+                "--verify=crc32c",
+                "--verify_fatal=1",
+                "--verify_backlog=256",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
         )
         kills = 0
         rng = random.Random(1)
@@ -101,7 +124,8 @@ def test_reset_while_workers_are_stopped() -> None:
         pids = worker_pids(serve)
         writer = subprocess.Popen(
             ["dd", "if=/dev/urandom", f"of={dev}", "bs=64k", "count=64", "oflag=direct"],
-            stderr=subprocess.PIPE, text=True,
+            stderr=subprocess.PIPE,
+            text=True,
         )
         for pid in pids:
             os.kill(pid, signal.SIGSTOP)
@@ -119,4 +143,3 @@ def test_make_run_main_job_script() -> None:
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "checksums equal" in proc.stdout
     assert "abuse" in proc.stdout and "completed" in proc.stdout
-

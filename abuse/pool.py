@@ -1,0 +1,587 @@
+"""The pool: N forked worker processes, kept alive by a supervisor.
+
+The supervisor has the shape of gunicorn's arbiter.  Signal handlers do
+nothing but wake the main loop (``signal.set_wakeup_fd`` on a self-pipe);
+the loop reaps dead children, respawns empty slots back to the target
+count and calls the caller's ``on_tick``.  Children are forked, so they
+inherit the already-open backend (a ``memory`` disk is one memfd that
+every worker must share), and each is tracked as a ``psutil.Process``,
+whose pid plus create time names it even if the pid is reused.
+
+A slot whose child dies within a second of its start is respawned with
+an exponential back-off (0.1 s doubling to 5 s), so a crash loop cannot
+spin; a child that lived longer is replaced after the minimum delay,
+since its own life already bounds how often that slot forks.  (A longer
+reset window would let an operator or the OOM killer, killing a worker
+every few seconds, hold every slot at 5 s gaps and leave the disk with
+no worker at all.)  When every slot has failed at start several times
+in a row the pool gives up and :meth:`Pool.run` returns 1.
+
+A worker exits 0 without being asked only when its disk was destroyed
+(``Worker.serve`` returns on ENODEV).  Then the pool respawns nothing,
+since a new disk may soon take the same index, stops the other workers
+and returns 0.
+
+Stopping is SIGTERM to every child, ``psutil.wait_procs`` for
+``stop_timeout`` seconds, then SIGKILL for the survivors.  A second stop
+request while waiting (Ctrl-C twice) skips straight to SIGKILL.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import select
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from types import FrameType
+from typing import Any, Callable, NoReturn
+
+import cffi
+import psutil
+
+from abuse._exceptions import AbuseError
+from abuse.backends.base import Backend
+from abuse.control import Control
+from abuse.worker import DEFAULT_BATCH, Worker
+
+__all__ = ["Pool", "WorkerStat", "serve_worker"]
+
+log = logging.getLogger(__name__)
+
+_ffi = cffi.FFI()
+_ffi.cdef(
+    """
+    int prctl(int, unsigned long, unsigned long, unsigned long, unsigned long);
+    int mlockall(int);
+    """
+)
+_libc = _ffi.dlopen(None)
+_PR_SET_IO_FLUSHER = 57  # <linux/prctl.h>, Linux 5.6
+_MCL_CURRENT = 1
+_MCL_FUTURE = 2
+_MCL_ONFAULT = 4  # Linux 4.4
+
+# Set in the supervisor once it has said that hardening fails, so the
+# workers it forks (which inherit this) do not repeat it on every respawn.
+_hardening_reported = False
+
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+_HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGCHLD)
+_WAKE_CAP = 1.0  # longest sleep of the loop when signals wake it
+_WAKE_CAP_NO_SIGNALS = 0.1  # ... when run() is off the main thread and must poll
+_KILL_WAIT = 5.0  # how long to wait for SIGKILLed children to be reaped
+
+Target = Callable[[int, Backend, int], None]
+
+
+@dataclass(frozen=True)
+class WorkerStat:
+    """One slot of the pool as psutil sees it.
+
+    ``pid`` is the slot's current child (or the last one, or 0 if none
+    was started); ``restarts`` counts how many times the slot was
+    respawned; ``cpu_percent`` and ``rss`` (bytes) are 0 when ``alive``
+    is false.
+    """
+
+    pid: int
+    cpu_percent: float
+    rss: int
+    restarts: int
+    alive: bool
+
+
+@dataclass
+class _Slot:
+    """Supervisor-side state of one worker slot."""
+
+    number: int
+    proc: Any = None  # psutil.Process of the running child, or None
+    pid: int = 0  # current or last child
+    started: float = 0.0  # time.monotonic() of the last spawn
+    spawns: int = 0
+    restarts: int = 0
+    delay: float = 0.0  # current back-off
+    due: float = 0.0  # time.monotonic() before which no respawn
+    failures: int = 0  # consecutive deaths within quick_death of spawning
+
+
+def _harden(mlock_flags: int = _MCL_CURRENT | _MCL_FUTURE) -> list[str]:
+    """Make this process fit to serve writeback; return what failed.
+
+    PR_SET_IO_FLUSHER lets the worker's own allocations dip into reserves
+    and skip I/O reclaim; mlockall keeps its pages from being paged out
+    to, possibly, the disk it serves.  Both need privileges
+    (CAP_SYS_RESOURCE, CAP_IPC_LOCK or a large RLIMIT_MEMLOCK).
+    """
+    problems = []
+    if _libc.prctl(_PR_SET_IO_FLUSHER, 1, 0, 0, 0) < 0:
+        problems.append(f"prctl(PR_SET_IO_FLUSHER): {os.strerror(_ffi.errno)}")
+    if _libc.mlockall(mlock_flags) < 0:
+        problems.append(f"mlockall: {os.strerror(_ffi.errno)}")
+    return problems
+
+
+def _probe_hardening() -> list[str]:
+    """Try :func:`_harden` in a throwaway child; return what failed.
+
+    The supervisor itself must stay unlocked and unflagged, and the same
+    calls in the same credentials are the only exact test.  The probe
+    locks with MCL_ONFAULT, which the kernel permits on exactly the same
+    terms but which does not populate (and un-share) every page.
+    """
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            os.close(read_end)
+            report = "\n".join(_harden(_MCL_CURRENT | _MCL_FUTURE | _MCL_ONFAULT))
+            os.write(write_end, report.encode())
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(write_end)
+    chunks = []
+    try:
+        while chunk := os.read(read_end, 4096):
+            chunks.append(chunk)
+    finally:
+        os.close(read_end)
+        _, status = os.waitpid(pid, 0)
+    if os.waitstatus_to_exitcode(status) != 0:
+        return [f"hardening probe {_describe(os.waitstatus_to_exitcode(status))}"]
+    return [line for line in b"".join(chunks).decode().splitlines() if line]
+
+
+def _report_hardening(index: int, problems: list[str], level: int) -> None:
+    log.log(
+        level,
+        "workers of abuse%d are not protected from memory-pressure deadlocks (%s); "
+        "run as root or grant CAP_SYS_RESOURCE and CAP_IPC_LOCK",
+        index,
+        "; ".join(problems),
+    )
+
+
+def serve_worker(index: int, backend: Backend, batch: int = DEFAULT_BATCH) -> None:
+    """Serve disk ``index`` from ``backend`` in this process until told to stop.
+
+    The default target of :class:`Pool`, run in each forked child.  Sets
+    PR_SET_IO_FLUSHER and mlockall (warning once per process if that is
+    not permitted, or not at all when the supervisor already has), makes
+    SIGTERM a request to stop, then runs a :class:`~abuse.worker.Worker`
+    on a fresh :class:`~abuse.control.Control`.  Returns when SIGTERM
+    arrives (after answering what it holds) or when the disk is
+    destroyed; raises :class:`~abuse.AbuseError` if the control device
+    or the disk cannot be used.
+    """
+    global _hardening_reported
+    problems = _harden()
+    if problems:
+        _report_hardening(index, problems, logging.DEBUG if _hardening_reported else logging.WARNING)
+        _hardening_reported = True
+
+    stopping = False
+
+    def on_sigterm(signum: int, frame: FrameType | None) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    with Control() as control:
+        worker = Worker(control, index, backend, batch)
+        try:
+            worker.serve(should_stop=lambda: stopping)
+        finally:
+            worker.close()
+    log.debug(
+        "worker for abuse%d (pid %d) stops: %s", index, os.getpid(), "asked" if stopping else "disk gone"
+    )
+
+
+def _describe(code: int | None) -> str:
+    """An exit code as waitstatus_to_exitcode gives it, in words."""
+    if code is None:
+        return "exited with an unknown status"
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        return f"was killed by {name}"
+    return f"exited with status {code}"
+
+
+class Pool:
+    """Run ``workers`` processes serving disk ``index`` and keep them running.
+
+    Each child runs ``target(index, backend, batch)``, by default
+    :func:`serve_worker`.  A child that dies is respawned with back-off;
+    see the module docstring for when the pool gives up or ends on its
+    own.  The backend must be open before the pool starts: children are
+    forked and inherit it.  Raises ``ValueError`` for a bad argument.
+
+    A pool runs once.  The tuning attributes below are class attributes
+    so that a subclass or an instance may change them.
+    """
+
+    backoff_min = 0.1  # seconds before the first respawn of a slot
+    backoff_max = 5.0  # ... doubling per quick death up to this
+    quick_death = 1.0  # a child dead sooner than this failed at start: back off
+    start_failures = 5  # every slot failing at start this many times in a row: give up
+
+    def __init__(
+        self,
+        index: int,
+        backend: Backend,
+        workers: int,
+        batch: int = DEFAULT_BATCH,
+        *,
+        target: Target | None = None,
+        stop_timeout: float = 10.0,
+    ) -> None:
+        if index < 0:
+            raise ValueError(f"disk index must be >= 0, not {index}")
+        if workers < 1:
+            raise ValueError(f"workers must be >= 1, not {workers}")
+        if batch < 1:
+            raise ValueError(f"batch must be >= 1, not {batch}")
+        if stop_timeout < 0:
+            raise ValueError(f"stop_timeout must be >= 0, not {stop_timeout}")
+        self.index = index
+        self.backend = backend
+        self.workers = workers
+        self.batch = batch
+        self.stop_timeout = stop_timeout
+        self._target: Target = target if target is not None else serve_worker
+        self._slots = [_Slot(number) for number in range(workers)]
+        self._lock = threading.RLock()  # guards _wake_w against close; re-entrant for signal handlers
+        self._wake_r = -1
+        self._wake_w = -1
+        self._stop_requests = 0
+        self._result: int | None = None  # set when the pool ends on its own
+        self._ran = False
+
+    # --- public ------------------------------------------------------------
+
+    def run(self, on_tick: Callable[[Pool], None] | None = None, tick: float = 1.0) -> int:
+        """Supervise the workers in the foreground until stopped.
+
+        Calls ``on_tick(self)`` every ``tick`` seconds.  Returns 0 after
+        :meth:`stop`, SIGINT or SIGTERM, or when the disk was destroyed;
+        returns 1 when every worker keeps failing at start.  Signal
+        handlers are installed (and restored on return) only when called
+        on the main thread; elsewhere children are reaped by polling.
+        Whatever ends the loop, including an exception from ``on_tick``,
+        the children are stopped before this returns.  Raises
+        ``RuntimeError`` if the pool has already run.
+        """
+        if tick <= 0:
+            raise ValueError(f"tick must be > 0, not {tick}")
+        if self._ran:
+            raise RuntimeError("a Pool runs only once")
+        self._ran = True
+        if self._target is serve_worker:
+            self._check_hardening()
+        read_end, write_end = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        with self._lock:
+            self._wake_r, self._wake_w = read_end, write_end
+        saved = self._install_signals()
+        try:
+            return self._loop(on_tick, tick, _WAKE_CAP if saved is not None else _WAKE_CAP_NO_SIGNALS)
+        finally:
+            try:
+                self._stop_children()
+            finally:
+                if saved is not None:
+                    self._restore_signals(saved)
+                with self._lock:
+                    self._wake_r = self._wake_w = -1
+                    os.close(read_end)
+                    os.close(write_end)
+
+    def stop(self) -> None:
+        """Ask :meth:`run` to stop the workers and return.
+
+        Safe from any thread and from a signal handler; may be called
+        before :meth:`run`, which then returns at once.  A second call
+        while the workers are being stopped kills them without waiting.
+        """
+        with self._lock:
+            self._stop_requests += 1
+            if self._wake_w >= 0:
+                try:
+                    os.write(self._wake_w, b"\0")
+                except BlockingIOError:
+                    pass  # the pipe is full: the loop is awake already
+
+    def stats(self) -> list[WorkerStat]:
+        """One :class:`WorkerStat` per slot, in slot order.
+
+        ``cpu_percent`` is measured since the previous call (or since the
+        child started).  Safe to call from ``on_tick`` or another thread.
+        """
+        result = []
+        for slot in self._slots:
+            proc, pid, restarts = slot.proc, slot.pid, slot.restarts
+            if proc is not None:
+                try:
+                    with proc.oneshot():
+                        if proc.status() != psutil.STATUS_ZOMBIE:
+                            cpu = float(proc.cpu_percent(interval=None))
+                            rss = int(proc.memory_info().rss)
+                            result.append(WorkerStat(pid, cpu, rss, restarts, True))
+                            continue
+                except psutil.Error:
+                    pass
+            result.append(WorkerStat(pid, 0.0, 0, restarts, False))
+        return result
+
+    @property
+    def restarts(self) -> int:
+        """How many times any slot was respawned."""
+        return sum(slot.restarts for slot in self._slots)
+
+    # --- the loop ----------------------------------------------------------
+
+    def _loop(self, on_tick: Callable[[Pool], None] | None, tick: float, cap: float) -> int:
+        next_tick = time.monotonic() + tick
+        while True:
+            self._reap()
+            if self._result is not None:
+                return self._result
+            if self._stop_requests:
+                return 0
+            self._spawn_due()
+            now = time.monotonic()
+            if on_tick is not None and now >= next_tick:
+                on_tick(self)
+                next_tick += tick
+                if next_tick <= now:
+                    next_tick = now + tick
+            wake = now + cap
+            if on_tick is not None:
+                wake = min(wake, next_tick)
+            for slot in self._slots:
+                if slot.proc is None:
+                    wake = min(wake, slot.due)
+            self._sleep(wake - time.monotonic())
+
+    def _sleep(self, timeout: float) -> None:
+        """Wait for a signal, a stop() or the timeout; drain the pipe."""
+        poller = select.poll()
+        poller.register(self._wake_r, select.POLLIN)
+        if poller.poll(max(0, int(timeout * 1000) + 1)):
+            try:
+                while os.read(self._wake_r, 4096):
+                    pass
+            except BlockingIOError:
+                pass
+
+    def _reap(self) -> None:
+        """Collect every child that has exited, by its own pid only.
+
+        ``waitpid(-1)`` would also steal the statuses of children that
+        other code in this process started.
+        """
+        for slot in self._slots:
+            if slot.proc is None:
+                continue
+            try:
+                pid, status = os.waitpid(slot.pid, os.WNOHANG)
+            except ChildProcessError:
+                self._on_exit(slot, None)
+                continue
+            if pid:
+                self._on_exit(slot, os.waitstatus_to_exitcode(status))
+
+    def _on_exit(self, slot: _Slot, code: int | None) -> None:
+        now = time.monotonic()
+        lived = now - slot.started
+        slot.proc = None
+        if self._stop_requests or self._result is not None:
+            log.debug("worker %d (pid %d) %s while stopping", slot.number, slot.pid, _describe(code))
+            return
+        if code == 0:
+            log.info(
+                "worker %d (pid %d) exited on its own: disk abuse%d is gone; stopping",
+                slot.number,
+                slot.pid,
+                self.index,
+            )
+            self._result = 0
+            return
+        if lived < self.quick_death:
+            slot.failures += 1
+            slot.delay = min(slot.delay * 2, self.backoff_max) if slot.delay else self.backoff_min
+        else:
+            slot.failures = 0
+            slot.delay = self.backoff_min
+        slot.due = now + slot.delay
+        if all(self._failing(other, now) for other in self._slots):
+            log.error(
+                "every worker of abuse%d failed %d times in a row at start (last: worker %d %s); giving up",
+                self.index,
+                self.start_failures,
+                slot.number,
+                _describe(code),
+            )
+            self._result = 1
+            return
+        log.warning(
+            "worker %d (pid %d) %s after %.1fs; restarting in %.1fs",
+            slot.number,
+            slot.pid,
+            _describe(code),
+            lived,
+            slot.delay,
+        )
+
+    def _failing(self, slot: _Slot, now: float) -> bool:
+        """Whether ``slot`` has failed at start often enough to give up on."""
+        if slot.failures < self.start_failures:
+            return False
+        return slot.proc is None or now - slot.started < self.quick_death
+
+    def _spawn_due(self) -> None:
+        now = time.monotonic()
+        for slot in self._slots:
+            if slot.proc is None and now >= slot.due:
+                self._spawn(slot)
+
+    def _spawn(self, slot: _Slot) -> None:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()  # or the child would print the parent's buffer again
+            except (OSError, ValueError, AttributeError):
+                pass
+        # Until the child has reset its handlers, a signal to it would run
+        # the supervisor's handler there and be lost: hold them pending.
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, _HANDLED_SIGNALS)
+        try:
+            pid = os.fork()
+            if pid == 0:
+                self._child(slot.number, mask)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        proc = psutil.Process(pid)
+        try:
+            proc.cpu_percent(interval=None)  # start the first stats() interval here
+        except psutil.Error:
+            pass
+        if slot.spawns:
+            slot.restarts += 1
+        slot.spawns += 1
+        slot.proc, slot.pid, slot.started = proc, pid, time.monotonic()
+        log.debug("worker %d started as pid %d", slot.number, pid)
+
+    def _child(self, number: int, mask: set[int | signal.Signals]) -> NoReturn:
+        """Run the target in a freshly forked child; never returns.
+
+        The child must never unwind into the supervisor's stack (or a
+        test runner's), so it leaves through ``os._exit``: 0 when the
+        target returns, its code on SystemExit, 1 on any exception.
+        ``mask`` is the signal mask to restore once the supervisor's
+        handlers are gone.
+        """
+        code = 1
+        try:
+            os.close(self._wake_r)
+            os.close(self._wake_w)
+            signal.set_wakeup_fd(-1)
+            signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the supervisor's to forward
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+            self._target(self.index, self.backend, self.batch)
+            code = 0
+        except SystemExit as exc:
+            if exc.code is None or isinstance(exc.code, int):
+                code = exc.code or 0
+            else:
+                print(exc.code, file=sys.stderr)
+        except AbuseError as exc:
+            log.error("worker %d: %s: %s", number, type(exc).__name__, exc)
+        except BaseException:
+            log.exception("worker %d failed", number)
+        finally:
+            for stream in (sys.stdout, sys.stderr):
+                try:
+                    stream.flush()
+                except (OSError, ValueError, AttributeError):
+                    pass
+            os._exit(code)
+
+    def _stop_children(self) -> None:
+        """SIGTERM every child, wait up to stop_timeout, SIGKILL the rest."""
+        procs = [slot.proc for slot in self._slots if slot.proc is not None]
+        if not procs:
+            return
+        log.debug("stopping %d worker(s)", len(procs))
+        for proc in procs:
+            try:
+                proc.terminate()
+                proc.resume()  # a stopped (SIGSTOP) child could not act on SIGTERM
+            except psutil.Error:
+                pass
+        alive = procs
+        deadline = time.monotonic() + self.stop_timeout
+        while alive and self._stop_requests < 2:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            _, alive = psutil.wait_procs(alive, timeout=min(remaining, 0.25))
+        if alive:
+            log.warning("%d worker(s) still running after SIGTERM; sending SIGKILL", len(alive))
+            for proc in alive:
+                try:
+                    proc.kill()
+                except psutil.Error:
+                    pass
+            _, alive = psutil.wait_procs(alive, timeout=_KILL_WAIT)
+            for proc in alive:
+                log.error("worker pid %d survived SIGKILL for %.0fs", proc.pid, _KILL_WAIT)
+        for slot in self._slots:
+            slot.proc = None
+
+    # --- hardening and signals -----------------------------------------------
+
+    def _check_hardening(self) -> None:
+        global _hardening_reported
+        if _hardening_reported:
+            return
+        problems = _probe_hardening()
+        if problems:
+            _report_hardening(self.index, problems, logging.WARNING)
+            _hardening_reported = True
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        if signum in _STOP_SIGNALS:
+            self.stop()
+        # SIGCHLD needs nothing here: the wakeup fd has woken the loop.
+
+    def _install_signals(self) -> tuple[dict[int, Any], int] | None:
+        """Route SIGINT, SIGTERM and SIGCHLD to the loop; return what was there.
+
+        Returns None off the main thread, where Python allows neither.
+        """
+        if threading.current_thread() is not threading.main_thread():
+            log.debug("not on the main thread: no signal handlers, reaping by polling")
+            return None
+        handlers = {int(sig): signal.getsignal(sig) for sig in _HANDLED_SIGNALS}
+        wakeup = signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
+        for sig in _HANDLED_SIGNALS:
+            signal.signal(sig, self._on_signal)
+        return handlers, wakeup
+
+    def _restore_signals(self, saved: tuple[dict[int, Any], int]) -> None:
+        handlers, wakeup = saved
+        for sig, handler in handlers.items():
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
+        signal.set_wakeup_fd(wakeup)
