@@ -15,7 +15,7 @@ from typing import Any
 from abuse import uapi
 from abuse._exceptions import error_from_errno
 
-__all__ = ["CONTROL_PATH", "Control", "DiskConfig", "DiskInfo", "Xfer"]
+__all__ = ["CONTROL_PATH", "COUNTER_FIELDS", "Control", "DiskConfig", "DiskInfo", "Xfer"]
 
 CONTROL_PATH = "/dev/abuse"
 
@@ -29,7 +29,7 @@ _CONFIG_FIELDS = (
     "timeout_ms",
     "retries",
 )
-_COUNTER_FIELDS = (
+COUNTER_FIELDS = (
     "queued",
     "in_flight",
     "completed",
@@ -38,6 +38,8 @@ _COUNTER_FIELDS = (
     "timeouts",
     "rejected",
     "attached",
+    "bytes_read",
+    "bytes_written",
 )
 
 
@@ -137,7 +139,7 @@ class Control:
         info = uapi.ffi.new("struct abuse_info *")
         info.config.index = index
         self.ioctl("INFO", info)
-        counters = {name: int(getattr(info.counters, name)) for name in _COUNTER_FIELDS}
+        counters = {name: int(getattr(info.counters, name)) for name in COUNTER_FIELDS}
         return DiskInfo(_config(info.config), counters)
 
     def set_info(self, config: DiskConfig) -> None:

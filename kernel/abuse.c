@@ -149,6 +149,10 @@ static void abuse_retire(struct abuse_device *dev, struct request *rq,
 	dev->stats.completed++;
 	if (status != BLK_STS_OK)
 		dev->stats.errors++;
+	else if (req_op(rq) == REQ_OP_READ)
+		dev->stats.bytes_read += blk_rq_bytes(rq);
+	else if (req_op(rq) == REQ_OP_WRITE)
+		dev->stats.bytes_written += blk_rq_bytes(rq);
 }
 
 /* End every request on @done with -EIO.  Called without dev->lock. */
@@ -369,6 +373,8 @@ ABUSE_COUNTER_ATTR(requeued);
 ABUSE_COUNTER_ATTR(timeouts);
 ABUSE_COUNTER_ATTR(rejected);
 ABUSE_COUNTER_ATTR(attached);
+ABUSE_COUNTER_ATTR(bytes_read);
+ABUSE_COUNTER_ATTR(bytes_written);
 
 static struct attribute *abuse_disk_attrs[] = {
 	&dev_attr_queued.attr,
@@ -379,6 +385,8 @@ static struct attribute *abuse_disk_attrs[] = {
 	&dev_attr_timeouts.attr,
 	&dev_attr_rejected.attr,
 	&dev_attr_attached.attr,
+	&dev_attr_bytes_read.attr,
+	&dev_attr_bytes_written.attr,
 	NULL,
 };
 

@@ -78,7 +78,9 @@ struct abuse_counters {
 	__u64 timeouts;			/* request timeouts seen */
 	__u64 rejected;			/* PUT entries refused (stale, bad length, ...) */
 	__u64 attached;			/* files attached to the disk */
-	__u64 __reserved[4];		/* 0 */
+	__u64 bytes_read;		/* bytes of reads completed without error */
+	__u64 bytes_written;		/* bytes of writes completed without error */
+	__u64 __reserved[2];		/* 0 */
 };
 
 /* struct abuse_info - INFO: config.index in, everything else out. */

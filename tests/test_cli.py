@@ -30,7 +30,7 @@ from abusectl.commands.serve import StatusLine
 from abusectl.devices import parse_dev
 
 G = 1 << 30
-COUNTERS = ("queued", "in_flight", "completed", "errors", "requeued", "timeouts", "rejected", "attached")
+COUNTERS = abuse.control.COUNTER_FIELDS
 
 
 @pytest.fixture(autouse=True)
@@ -495,19 +495,21 @@ def test_serve_unknown_backend_fails_before_dev_abuse(capsys: pytest.CaptureFixt
 
 
 def test_status_line() -> None:
-    control = FakeControl(disk(0, completed=1000, in_flight=3, queued=5))
+    control = FakeControl(disk(0, completed=1000, in_flight=3, queued=5, bytes_written=10**6))
     pool = FakePool(0, MemoryBackend(4096), workers=4)
     pool.restarts = 1
     times = iter([10.0, 10.5])
     out = io.StringIO()
     line = StatusLine(control, control.disks[0].config, out, clock=lambda: next(times))  # type: ignore[arg-type]
     line(pool)
-    control.disks[0] = disk(0, completed=1500, in_flight=3, queued=5)
+    control.disks[0] = disk(0, completed=1500, in_flight=3, queued=5, bytes_written=3 * 10**6)
     line(pool)
     line.finish()
     first, second = out.getvalue().split("\r")[1:]
-    assert first.startswith("/dev/abuse0 10G: 0 req/s, 3 in flight, 5 queued, 4/4 workers, 1 restarts")
-    assert second.startswith("/dev/abuse0 10G: 1,000 req/s")
+    assert first.startswith(
+        "/dev/abuse0 10G: 0 req/s, 0.0 MB/s, 3 in flight, 5 queued, 4/4 workers, 1 restarts"
+    )
+    assert second.startswith("/dev/abuse0 10G: 1,000 req/s, 4.0 MB/s")
     assert second.endswith("\n")
     pool.backend.close()
 

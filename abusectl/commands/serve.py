@@ -63,8 +63,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 class StatusLine:
     """The live one-line status of a served disk, rewritten on each tick.
 
-    Requests per second are the change of the ``completed`` counter; the
-    counters carry no byte totals, so there is no MB/s.
+    Rates are the change of the ``completed``, ``bytes_read`` and
+    ``bytes_written`` counters since the previous tick.
     """
 
     def __init__(
@@ -78,7 +78,7 @@ class StatusLine:
         self._config = config
         self._out = out
         self._clock = clock
-        self._last: tuple[float, int] | None = None
+        self._last: tuple[float, int, int] | None = None
         self._shown = False
 
     def __call__(self, pool: _PoolView) -> None:
@@ -87,14 +87,17 @@ class StatusLine:
         except AbuseError:
             return  # the disk is going away; Pool.run notices and returns
         now, completed = self._clock(), counters["completed"]
-        rate = 0.0
+        moved = counters["bytes_read"] + counters["bytes_written"]
+        rate = mb_rate = 0.0
         if self._last is not None and now > self._last[0]:
-            rate = (completed - self._last[1]) / (now - self._last[0])
-        self._last = (now, completed)
+            elapsed = now - self._last[0]
+            rate = (completed - self._last[1]) / elapsed
+            mb_rate = (moved - self._last[2]) / elapsed / 1e6
+        self._last = (now, completed, moved)
         stats = pool.stats()
         alive = sum(1 for stat in stats if stat.alive)
         line = (
-            f"{self._config.path} {format_size(self._config.size)}: {rate:,.0f} req/s, "
+            f"{self._config.path} {format_size(self._config.size)}: {rate:,.0f} req/s, {mb_rate:,.1f} MB/s, "
             f"{counters['in_flight']} in flight, {counters['queued']} queued, "
             f"{alive}/{len(stats)} workers, {pool.restarts} restarts"
         )

@@ -42,8 +42,9 @@ def test_pattern_round_trip_and_counters(disks: Disks) -> None:
     assert counters["in_flight"] == 0
     assert counters["rejected"] == 0
     assert counters["attached"] == 2
+    assert counters["bytes_written"] == counters["bytes_read"] == chunks * chunk
     sysfs = f"/sys/block/{config.name}/abuse"
-    for name in ("completed", "errors", "queued", "in_flight", "requeued", "attached"):
+    for name in ("completed", "errors", "queued", "in_flight", "requeued", "attached", "bytes_written"):
         with open(f"{sysfs}/{name}") as f:
             assert int(f.read()) == counters[name], name
     spare.close()
