@@ -151,4 +151,4 @@ def test_make_run_main_job_script() -> None:
     proc = subprocess.run([str(ROOT / "scripts" / "demo")], capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "checksums equal" in proc.stdout
-    assert "abuse" in proc.stdout and "completed" in proc.stdout
+    assert "/dev/abuse0" in proc.stdout and "COMPLETED" in proc.stdout
