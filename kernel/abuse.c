@@ -405,32 +405,21 @@ static const struct attribute_group *abuse_disk_groups[] = {
  * is BUSY and owned by the caller, so its pages cannot go away.
  */
 
-static int abuse_copy_to_worker(struct request *rq, void __user *ubuf)
+/* Copy @rq's data to the worker's buffer at @ubuf, or from it. */
+static int abuse_copy_rq(struct request *rq, void __user *ubuf,
+			 bool to_worker)
 {
 	struct req_iterator iter;
 	struct bio_vec bv;
 
 	rq_for_each_segment(bv, rq, iter) {
 		void *kaddr = bvec_kmap_local(&bv);
-		unsigned long left = copy_to_user(ubuf, kaddr, bv.bv_len);
+		unsigned long left;
 
-		kunmap_local(kaddr);
-		if (left)
-			return -EFAULT;
-		ubuf += bv.bv_len;
-	}
-	return 0;
-}
-
-static int abuse_copy_from_worker(struct request *rq, const void __user *ubuf)
-{
-	struct req_iterator iter;
-	struct bio_vec bv;
-
-	rq_for_each_segment(bv, rq, iter) {
-		void *kaddr = bvec_kmap_local(&bv);
-		unsigned long left = copy_from_user(kaddr, ubuf, bv.bv_len);
-
+		if (to_worker)
+			left = copy_to_user(ubuf, kaddr, bv.bv_len);
+		else
+			left = copy_from_user(kaddr, ubuf, bv.bv_len);
 		kunmap_local(kaddr);
 		if (left)
 			return -EFAULT;
@@ -521,7 +510,7 @@ static int abuse_get_one(struct abuse_device *dev, struct file *file,
 	data = need ? x->buffer + *used : 0;
 	abuse_describe(rq, data, &desc);
 	if (req_op(rq) == REQ_OP_WRITE)
-		err = abuse_copy_to_worker(rq, u64_to_user_ptr(data));
+		err = abuse_copy_rq(rq, u64_to_user_ptr(data), true);
 	if (!err && copy_to_user(&udesc[slot], &desc, sizeof(desc)))
 		err = -EFAULT;
 
@@ -625,7 +614,7 @@ static int abuse_put_one(struct abuse_device *dev, struct file *file,
 	abuse_set_state(dev, rq, ABUSE_CMD_BUSY);
 	spin_unlock_irq(&dev->lock);
 
-	err = abuse_copy_from_worker(rq, u64_to_user_ptr(reply->data));
+	err = abuse_copy_rq(rq, u64_to_user_ptr(reply->data), false);
 
 	spin_lock_irq(&dev->lock);
 	if (!cmd->fail_pending && err) {
