@@ -243,6 +243,15 @@ def test_bad_ioctls_get_clean_errors(disks: Disks) -> None:
             expect_errno(raw_errno(fd, uapi.ABUSE_IOC_GET, xfer), want)
         with pytest.raises(InvalidRequest):
             ctl.resize(config.index, 12345)
+        # SET_INFO may change only size and read-only.
+        current = disks.control.info(config.index).config
+        for field, value in [("block_size", 512), ("queue_depth", 7), ("timeout_ms", 1), ("size", 0)]:
+            cfg = ffi.new("struct abuse_config *", {**current.__dict__, field: value})
+            expect_errno(raw_errno(fd, uapi.ABUSE_IOC_SET_INFO, cfg), errno.EINVAL)
+        cfg = ffi.new("struct abuse_config *", current.__dict__)
+        cfg.__reserved[0] = 1
+        expect_errno(raw_errno(fd, uapi.ABUSE_IOC_SET_INFO, cfg), errno.EINVAL)
+        assert disks.control.info(config.index).config == current
 
 
 def test_get_faults_and_small_buffers_lose_nothing(disks: Disks) -> None:
