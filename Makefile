@@ -11,7 +11,7 @@ KDIR ?= /lib/modules/$(KVER)/build
 PYTHON := .venv/bin/python
 PYTEST := $(PYTHON) -m pytest -p no:cacheprovider
 
-.PHONY: all deps module test test-host test-kernel run check clean load unload
+.PHONY: all deps module test test-host test-kernel test-faults run check clean load unload
 
 all: module
 
@@ -28,12 +28,17 @@ test: deps
 	$(MAKE) check
 	$(MAKE) test-host
 	$(MAKE) test-kernel
+	$(MAKE) test-faults
 
 test-host:
 	$(PYTEST) -q tests --ignore=tests/kernel
 
 test-kernel:
 	scripts/kernel-tier
+
+# The fault suite alone, in its own boot.  SEED=n replays a failed run.
+test-faults:
+	OUT=$(CURDIR)/build/faults ABUSE_SEED=$(SEED) scripts/kernel-tier tests/kernel/faults
 
 run: deps
 	$(MAKE) module

@@ -1,0 +1,46 @@
+"""The fault suite: seeded randomness, counts printed at the end.
+
+Every test takes its random choices from ``rng``, which is seeded from
+the run's seed and the test's id, so a failure reproduces with
+``make test-faults SEED=<seed>`` (the seed is printed first and last).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+
+import pytest
+
+from tests.kernel.faults import tally
+
+_seed = int(os.environ.get("ABUSE_SEED") or random.SystemRandom().randrange(1 << 32))
+
+
+def pytest_report_header() -> str:
+    return f"fault suite seed: {_seed} (rerun with SEED={_seed})"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    here = Path(__file__).parent
+    for item in items:
+        if here in item.path.parents:
+            item.add_marker(pytest.mark.faults)
+
+
+@pytest.fixture
+def rng(request: pytest.FixtureRequest) -> random.Random:
+    return random.Random(f"{_seed}:{request.node.nodeid}")
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    counts = dict(tally.counts)
+    terminalreporter.section("fault suite")
+    for name, value in counts.items():
+        terminalreporter.write_line(f"{name}: {value}")
+    terminalreporter.write_line(f"seed: {_seed} (rerun with SEED={_seed})")
+    out = os.environ.get("ABUSE_OUT")
+    if out:
+        Path(out, "faults.json").write_text(json.dumps({"seed": _seed, **counts}, indent=2) + "\n")
