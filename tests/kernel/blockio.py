@@ -33,14 +33,13 @@ def direct_write(path: str, offset: int, data: bytes) -> None:
 def direct_read(path: str, offset: int, length: int) -> bytes:
     buf = _aligned(length)
     fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    view = memoryview(buf)[:length]
     try:
-        view = memoryview(buf)[:length]
         done = os.preadv(fd, [view], offset)
         assert done == length
-        data = bytes(view)
-        view.release()
-        return data
+        return bytes(view)
     finally:
+        view.release()
         os.close(fd)
         buf.close()
 

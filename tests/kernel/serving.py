@@ -26,21 +26,32 @@ def abusectl(*args: str) -> str:
 def served_disk(
     size: str, backend: str, workers: int, *create_args: str
 ) -> Iterator[tuple[str, subprocess.Popen[str]]]:
-    """A disk made with `abusectl create` and served by `abusectl serve`."""
+    """A disk made with `abusectl create` and served by `abusectl serve`.
+
+    The pool leads its own session, so that a test can kill it whole.
+    """
     dev = abusectl("create", "--size", size, *create_args)
+    try:
+        serve = start_pool(dev, backend, workers)
+        try:
+            yield dev, serve
+        finally:
+            stop_pool(serve)
+    finally:
+        subprocess.run([*ABUSECTL, "destroy", dev, "--force"], capture_output=True)
+
+
+def start_pool(dev: str, backend: str, workers: int) -> subprocess.Popen[str]:
     serve = subprocess.Popen(
         [*ABUSECTL, "serve", dev, "--backend", backend, "--workers", str(workers)],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        start_new_session=True,
     )
-    try:
-        wait_for(lambda: len(worker_pids(serve)) == workers or serve.poll() is not None)
-        assert serve.poll() is None, serve.communicate()[0]
-        yield dev, serve
-    finally:
-        stop_pool(serve)
-        subprocess.run([*ABUSECTL, "destroy", dev, "--force"], capture_output=True)
+    wait_for(lambda: len(worker_pids(serve)) == workers or serve.poll() is not None)
+    assert serve.poll() is None, serve.communicate()[0]
+    return serve
 
 
 def worker_pids(serve: subprocess.Popen[str]) -> list[int]:
