@@ -7,14 +7,20 @@ the run's seed and the test's id, so a failure reproduces with
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import os
 import random
+import sys
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.kernel.faults import tally
+
+HANG_SECONDS = int(os.environ.get("ABUSE_HANG_SECONDS") or 900)
 
 _seed = int(os.environ.get("ABUSE_SEED") or random.SystemRandom().randrange(1 << 32))
 
@@ -28,6 +34,27 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if here in item.path.parents:
             item.add_marker(pytest.mark.faults)
+
+
+def _hung() -> None:
+    print(f"\nfault suite: a case hung for {HANG_SECONDS} s; stacks follow", file=sys.stderr, flush=True)
+    Path("/proc/sysrq-trigger").write_text("w\n")  # blocked tasks' kernel stacks, to dmesg
+    faulthandler.dump_traceback(all_threads=True)
+    os._exit(3)
+
+
+@pytest.fixture(autouse=True)
+def hang_guard() -> Iterator[None]:
+    """A hung case dumps the stacks and ends the run.
+
+    A fault case that hangs is a failure; without this the guest would
+    sit until vm-run's timeout and keep no kernel log.
+    """
+    timer = threading.Timer(HANG_SECONDS, _hung)
+    timer.daemon = True
+    timer.start()
+    yield
+    timer.cancel()
 
 
 @pytest.fixture

@@ -1,0 +1,74 @@
+"""`abusectl reset` during I/O: requeue without loss; --fail ends I/O with EIO."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import time
+
+from abuse.control import Control
+from tests.kernel.conftest import wait_for
+from tests.kernel.faults import tally
+from tests.kernel.faults.workload import (
+    assert_settled,
+    finish_fio,
+    fio_verify,
+    start_fio_verify,
+    sysfs_counters,
+)
+from tests.kernel.serving import abusectl, served_disk, worker_pids
+
+
+def test_reset_loop_during_fio_verify(rng: random.Random) -> None:
+    """Resets at random moments, one in twenty by `abusectl reset`.
+
+    The rest call the same ioctl through the library, which is faster
+    than starting Python each time and so hits more moments.
+    """
+    with served_disk("128M", "memory", 2) as (dev, serve), Control() as control:
+        index = int(dev.removeprefix("/dev/abuse"))
+        job = start_fio_verify(dev, 45, size="64M", iodepth=32, extra=("--bsrange=4k-64k",))
+        resets = 0
+        while job.poll() is None:
+            if resets % 20 == 0:
+                abusectl("reset", dev)
+            else:
+                control.reset(index)
+            resets += 1
+            time.sleep(rng.uniform(0.0, 0.1))
+        finish_fio(job)
+        counters = assert_settled(dev)
+        assert counters["errors"] == 0, counters
+    print(f"{resets} resets, {counters['requeued']} requests requeued, {counters['rejected']} late replies")
+    assert resets >= 30, resets
+    assert counters["requeued"] > 0, counters
+    tally.add("resets", resets)
+
+
+def test_reset_fail_gives_eio_and_the_disk_works_after(rng: random.Random) -> None:
+    """With the workers stopped, a writer's requests wait; reset --fail ends them."""
+    with served_disk("64M", "memory", 2) as (dev, serve):
+        pids = worker_pids(serve)
+        for pid in pids:
+            os.kill(pid, signal.SIGSTOP)
+        blocks = rng.randint(1, 64)
+        writer = subprocess.Popen(
+            ["dd", "if=/dev/urandom", f"of={dev}", "bs=64k", f"count={blocks}", "oflag=direct"],
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        wait_for(lambda: sysfs_counters(dev)["queued"] + sysfs_counters(dev)["in_flight"] > 0)
+        abusectl("reset", dev, "--fail")
+        _, err = writer.communicate(timeout=60)
+        assert writer.returncode != 0, "the writer did not see the failure"
+        assert "Input/output error" in err, err
+        for pid in pids:
+            os.kill(pid, signal.SIGCONT)
+        tally.add("resets")
+        counters = sysfs_counters(dev)
+        assert counters["errors"] >= 1, counters
+        fio_verify(dev)
+        settled = assert_settled(dev)
+        assert settled["errors"] == counters["errors"], "errors after the reset"
