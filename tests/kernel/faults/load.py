@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
+import os
 import random
+import select
+import signal
 import subprocess
+import time
+import traceback
 from pathlib import Path
+
+from abuse.backends.memory import MemoryBackend
+from abuse.control import Control
+from abuse.worker import Worker
 
 MiB = 1 << 20
 
@@ -65,6 +74,12 @@ class FioLoad:
             self._reap(None)
             self._start()
 
+    def kill(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.communicate()
+            self.proc = None
+
     def finish(self, timeout: float = 600) -> None:
         if self.proc is not None:
             self._reap(timeout)
@@ -74,3 +89,52 @@ def block_stat_ios(name: str) -> int:
     """Requests the block layer completed on ``name``: reads, writes, discards, flushes."""
     fields = [int(x) for x in Path(f"/sys/block/{name}/stat").read_text().split()]
     return sum(fields[i] for i in (0, 4, 11, 15) if i < len(fields))
+
+
+class ForkedWorker:
+    """A real Worker serving disk ``index`` from memory, in a forked process.
+
+    Out of the test's process so that a busy test loop does not starve it
+    of the GIL; started in milliseconds, unlike the CLI pool under TCG.
+    """
+
+    def __init__(self, index: int, size: int, batch: int = 32) -> None:
+        read_end, self._stop = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child
+            os.close(self._stop)
+            code = 1
+            try:
+                poller = select.poll()
+                poller.register(read_end, select.POLLIN)
+                with Control() as control:
+                    worker = Worker(control, index, MemoryBackend(size), batch=batch)
+                    worker.serve(lambda: bool(poller.poll(0)), 50)
+                code = 0
+            except BaseException:
+                traceback.print_exc()
+            finally:
+                os._exit(code)
+        os.close(read_end)
+        self.pid = pid
+        self.exit: int | None = None
+
+    def alive(self) -> bool:
+        if self.exit is None:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                self.exit = os.waitstatus_to_exitcode(status)
+        return self.exit is None
+
+    def stop(self, timeout: float = 120) -> int:
+        """Ask it to answer what it holds and exit; its exit status."""
+        os.close(self._stop)
+        deadline = time.monotonic() + timeout
+        while self.alive():
+            if time.monotonic() > deadline:
+                os.kill(self.pid, signal.SIGKILL)
+                os.waitpid(self.pid, 0)
+                raise AssertionError("the worker did not stop")
+            time.sleep(0.05)
+        assert self.exit is not None
+        return self.exit
