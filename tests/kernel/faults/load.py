@@ -36,7 +36,7 @@ class FioLoad:
 
     def _start(self) -> None:
         rng = self.rng
-        size = rng.choice((4, 8, 16)) * MiB
+        size = rng.choice((2, 4, 8)) * MiB
         offset = rng.randrange(0, (self.disk_size - size) // MiB + 1) * MiB
         self.proc = subprocess.Popen(
             [
@@ -46,7 +46,7 @@ class FioLoad:
                 "--direct=1",
                 "--ioengine=libaio",
                 f"--rw={rng.choice(('randwrite', 'write'))}",
-                f"--bsrange=4k-{rng.choice((4, 16, 64, 256))}k",
+                f"--bsrange={rng.choice((4, 16))}k-{rng.choice((16, 64, 256))}k",
                 f"--size={size}",
                 f"--offset={offset}",
                 f"--iodepth={rng.choice((1, 4, 16))}",
@@ -119,6 +119,10 @@ class ForkedWorker:
         self.pid = pid
         self.exit: int | None = None
 
+    def pause(self, paused: bool) -> None:
+        """Stop (or continue) serving, so that requests pile up in the queue."""
+        os.kill(self.pid, signal.SIGSTOP if paused else signal.SIGCONT)
+
     def alive(self) -> bool:
         if self.exit is None:
             pid, status = os.waitpid(self.pid, os.WNOHANG)
@@ -129,6 +133,8 @@ class ForkedWorker:
     def stop(self, timeout: float = 120) -> int:
         """Ask it to answer what it holds and exit; its exit status."""
         os.close(self._stop)
+        if self.alive():
+            self.pause(False)
         deadline = time.monotonic() + timeout
         while self.alive():
             if time.monotonic() > deadline:

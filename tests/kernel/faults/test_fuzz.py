@@ -61,7 +61,12 @@ def test_fuzz_ioctls_under_load(rng: random.Random) -> None:
             fuzzer = Fuzzer(random.Random(rng.random()), busy, idle, control)
             fuzzer.sweep()
             while fuzzer.calls < FUZZ_CALLS:
+                # Now and then the worker stalls, so that requests wait in
+                # the queue for the fuzzer to take, hold and give back.
+                stalled = rng.random() < 0.3
+                worker.pause(stalled)
                 fuzzer.run(500)
+                worker.pause(False)
                 load.tick()
                 assert not load.failures, load.failures[0]
                 assert worker.alive(), "the real worker died"
