@@ -110,19 +110,16 @@ _KIND_NAMES = [k for k, _ in _KINDS]
 _KIND_WEIGHTS = [w for _, w in _KINDS]
 
 
-def pointer(rng: random.Random, arena: Arena, size: int, region: tuple[int, int] | None = None) -> Pointer:
-    """A place for ``size`` bytes; ``region`` (offset, length) keeps valid ones in a slice."""
+def pointer(rng: random.Random, arena: Arena, size: int) -> Pointer:
+    """A place for ``size`` bytes, valid or not."""
     kind = rng.choices(_KIND_NAMES, _KIND_WEIGHTS)[0]
-    return pointer_of_kind(rng, arena, size, kind, region)
+    return pointer_of_kind(rng, arena, size, kind)
 
 
-def pointer_of_kind(
-    rng: random.Random, arena: Arena, size: int, kind: str, region: tuple[int, int] | None = None
-) -> Pointer:
+def pointer_of_kind(rng: random.Random, arena: Arena, size: int, kind: str) -> Pointer:
     size = max(size, 1)
-    lo, length = region if region else (0, arena.size)
-    if kind in ("aligned", "odd") and size <= length - 8:
-        offset = lo + rng.randrange(0, length - size - 7) // 8 * 8
+    if kind in ("aligned", "odd") and size <= arena.size - 8:
+        offset = rng.randrange(0, arena.size - size - 7) // 8 * 8
         if kind == "odd":
             offset += rng.randrange(1, 8)
         return Pointer(arena.base + offset, True, True, kind)
@@ -149,9 +146,9 @@ def pointer_of_kind(
     raise ValueError(kind)
 
 
-def place(rng: random.Random, arena: Arena, data: bytes, region: tuple[int, int] | None = None) -> Pointer:
+def place(rng: random.Random, arena: Arena, data: bytes) -> Pointer:
     """A hostile or valid pointer, with ``data`` stored there when it can be."""
-    ptr = pointer(rng, arena, len(data), region)
+    ptr = pointer(rng, arena, len(data))
     if ptr.kind == "readonly" and ptr.readable:
         arena.fill_readonly(data)
     elif ptr.kind == "straddle":

@@ -14,12 +14,13 @@ import select
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import astuple
 from functools import partial
 
 import pytest
 
 from abuse import uapi
-from abuse.control import _CONFIG_FIELDS, Control, DiskConfig
+from abuse.control import Control, DiskConfig
 from tests.kernel.blockio import Background, direct_read, direct_write, pattern
 from tests.kernel.conftest import Disks, MiB, wait_for
 from tests.kernel.faults import tally
@@ -30,12 +31,13 @@ from tests.kernel.raw import RawWorker, Request
 from tests.kernel.serving import fio
 
 ffi = uapi.ffi
+# The issue asks for at least 100,000 per run; more on a host that loads modules.
 FUZZ_CALLS = int(os.environ.get("ABUSE_FUZZ_CALLS") or 100_000)
 
 
 def _disk(control: Control, index: int, busy: bool) -> Disk:
     c = control.info(index).config
-    packed = CONFIG.pack(*(getattr(c, name) for name in _CONFIG_FIELDS), 0, 0, 0, 0)
+    packed = CONFIG.pack(*astuple(c), 0, 0, 0, 0)  # same field order as the struct
     return Disk(c.index, c.size, c.block_size, c.queue_depth, packed, busy)
 
 
