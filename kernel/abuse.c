@@ -1051,6 +1051,26 @@ static int abuse_ctl_xfer(struct file *file, struct abuse_xfer *x, bool put)
 	return put && (ret == -EINTR || ret == -ENOBUFS) ? 0 : ret;
 }
 
+/*
+ * Opening /dev/abuse needs CAP_SYS_ADMIN, and so, at every call, does
+ * each command that makes, removes or changes a disk or binds a file to
+ * one.  A file attached by a privileged supervisor may thus be handed to
+ * an unprivileged worker: it can GET, PUT, poll and read INFO, no more.
+ */
+static bool abuse_ioc_needs_admin(unsigned int cmd)
+{
+	switch (cmd) {
+	case ABUSE_IOC_CREATE:
+	case ABUSE_IOC_DESTROY:
+	case ABUSE_IOC_SET_INFO:
+	case ABUSE_IOC_ATTACH:
+	case ABUSE_IOC_RESET:
+		return true;
+	default:
+		return false;
+	}
+}
+
 static long abuse_ctl_ioctl(struct file *file, unsigned int cmd,
 			    unsigned long arg)
 {
@@ -1063,6 +1083,9 @@ static long abuse_ctl_ioctl(struct file *file, unsigned int cmd,
 		struct abuse_xfer xfer;
 	} u;
 	int ret;
+
+	if (abuse_ioc_needs_admin(cmd) && !capable(CAP_SYS_ADMIN))
+		return -EPERM;
 
 	switch (cmd) {
 	case ABUSE_IOC_VERSION:

@@ -189,6 +189,10 @@ struct abuse_xfer {
  * Commands on /dev/abuse.  ATTACH binds the file to one disk; GET, PUT
  * and poll (POLLIN while the disk has queued requests, POLLHUP once it
  * is destroyed) then act on that disk.
+ *
+ * Opening needs CAP_SYS_ADMIN; so do CREATE, DESTROY, SET_INFO, ATTACH
+ * and RESET at every call (-EPERM).  An attached file handed to a process
+ * without it can still GET, PUT, poll, INFO and VERSION.
  */
 #define ABUSE_IOC_MAGIC			0xE4
 
