@@ -11,7 +11,8 @@ KDIR ?= /lib/modules/$(KVER)/build
 PYTHON := .venv/bin/python
 PYTEST := $(PYTHON) -m pytest -p no:cacheprovider
 
-.PHONY: all deps module test test-host test-kernel test-faults run check clean load unload
+.PHONY: all deps module test test-host test-kernel test-kernel-6.12 test-faults run check clean \
+	load unload install install-module install-files install-python dkms-install
 
 all: module
 
@@ -28,13 +29,28 @@ test: deps
 	$(MAKE) check
 	$(MAKE) test-host
 	$(MAKE) test-kernel
+	$(MAKE) test-kernel-6.12
 	$(MAKE) test-faults
 
 test-host:
 	$(PYTEST) -q tests --ignore=tests/kernel
 
+# ARGS passes pytest arguments, e.g. make test-kernel ARGS="-k dkms".
+# KVER=6.12 runs the 6.12 tier instead.
 test-kernel:
-	scripts/kernel-tier
+ifeq ($(KVER),6.12)
+	$(MAKE) test-kernel-6.12 KVER=
+else
+	scripts/kernel-tier $(ARGS)
+endif
+
+# The kernel tier on Debian 13's 6.12 LTS.  Kernel and headers come from
+# a cached trixie chroot; the module is built there into build/kernel-*/
+# so that kernel/abuse.ko (6.1) is never touched.
+test-kernel-6.12:
+	kver=$$(scripts/trixie-kernel) && \
+	scripts/chroot-module $$kver build/kernel-$$kver && \
+	KVER=$$kver ABUSE_KO=$(CURDIR)/build/kernel-$$kver/abuse.ko scripts/kernel-tier $(ARGS)
 
 # The fault suite alone, in its own boot.  SEED=n replays a failed run.
 test-faults:
@@ -46,6 +62,43 @@ run: deps
 
 check:
 	scripts/check
+
+# Install for the running kernel (INSTALL_KVER): the module
+# (modules_install + depmod), the udev rule, the systemd unit, and
+# abusectl in its own venv.  DESTDIR stages it elsewhere.  DKMS instead
+# of install-module: make dkms-install.
+INSTALL_KVER ?= $(shell uname -r)
+UDEVDIR ?= /etc/udev/rules.d
+UNITDIR ?= /etc/systemd/system
+VENVDIR ?= /opt/abuse
+BINDIR ?= /usr/local/bin
+
+install: install-module install-files install-python
+	@echo "install: done: write /etc/abuse/NAME.conf, then systemctl enable --now abuse-serve@NAME"
+
+install-module:
+	$(MAKE) module KVER=$(INSTALL_KVER)
+	$(MAKE) -C /lib/modules/$(INSTALL_KVER)/build M=$(CURDIR)/kernel \
+		$(if $(DESTDIR),INSTALL_MOD_PATH=$(DESTDIR)) modules_install
+	depmod -a $(if $(DESTDIR),-b $(DESTDIR)) $(INSTALL_KVER)
+
+install-files:
+	install -D -m 0644 dist/udev/59-abuse.rules $(DESTDIR)$(UDEVDIR)/59-abuse.rules
+	install -D -m 0644 dist/systemd/abuse-serve@.service $(DESTDIR)$(UNITDIR)/abuse-serve@.service
+	install -D -m 0644 dist/abuse.conf.example $(DESTDIR)/etc/abuse/NAME.conf.example
+	if [ -z "$(DESTDIR)" ]; then \
+		udevadm control --reload 2>/dev/null || true; \
+		systemctl daemon-reload 2>/dev/null || true; \
+	fi
+
+install-python:
+	python3 -m venv $(DESTDIR)$(VENVDIR)
+	$(DESTDIR)$(VENVDIR)/bin/pip install -q --disable-pip-version-check .
+	install -d $(DESTDIR)$(BINDIR)
+	ln -sf $(VENVDIR)/bin/abusectl $(DESTDIR)$(BINDIR)/abusectl
+
+dkms-install:
+	KVER=$(INSTALL_KVER) scripts/dkms-install
 
 load:
 	insmod kernel/abuse.ko

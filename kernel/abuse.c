@@ -26,7 +26,6 @@
 #include <linux/sched/signal.h>
 #include <linux/slab.h>
 #include <linux/uaccess.h>
-#include <linux/version.h>
 #include <linux/wait.h>
 
 #include "abuse.h"
@@ -83,6 +82,82 @@ struct abuse_device {
 
 static DEFINE_MUTEX(abuse_ctl_mutex);	/* protects abuse_index_idr */
 static DEFINE_IDR(abuse_index_idr);
+
+/* ---------------------------------------------------------------------
+ * Kernel compat: the only code that differs between 6.1 and 6.12.
+ * 6.5 passes ->open the gendisk and a blk_mode_t; 6.11 takes the queue
+ * limits, cache and rotational flags included, when the disk is
+ * allocated instead of setting them on the queue afterwards.  Tested
+ * on 6.1 and 6.12; keyed on macros that came with each change.
+ */
+static int abuse_disk_open(struct gendisk *disk);
+
+#ifdef BLK_OPEN_READ		/* 6.5 */
+static int abuse_bdev_open(struct gendisk *disk, blk_mode_t mode)
+{
+	return abuse_disk_open(disk);
+}
+#else
+static int abuse_bdev_open(struct block_device *bdev, fmode_t mode)
+{
+	return abuse_disk_open(bdev->bd_disk);
+}
+#endif
+
+#ifdef BLK_FEAT_WRITE_CACHE	/* 6.11 */
+static struct gendisk *abuse_alloc_disk(struct abuse_device *dev)
+{
+	const struct abuse_config *cfg = &dev->config;
+	struct queue_limits lim = {
+		.logical_block_size	= cfg->block_size,
+		.physical_block_size	= cfg->block_size,
+		.io_min			= cfg->block_size,
+		.max_hw_sectors		= cfg->max_request_bytes >> SECTOR_SHIFT,
+	};
+
+	if (cfg->flags & ABUSE_F_DISCARD) {
+		lim.discard_granularity = cfg->block_size;
+		lim.max_hw_discard_sectors = UINT_MAX >> SECTOR_SHIFT;
+	}
+	if (cfg->flags & ABUSE_F_WRITE_ZEROES)
+		lim.max_write_zeroes_sectors = UINT_MAX >> SECTOR_SHIFT;
+	if (cfg->flags & ABUSE_F_FLUSH)
+		lim.features |= BLK_FEAT_WRITE_CACHE | BLK_FEAT_FUA;
+	if (cfg->flags & ABUSE_F_ROTATIONAL)
+		lim.features |= BLK_FEAT_ROTATIONAL;
+	return blk_mq_alloc_disk(&dev->tag_set, &lim, dev);
+}
+#else
+static struct gendisk *abuse_alloc_disk(struct abuse_device *dev)
+{
+	const struct abuse_config *cfg = &dev->config;
+	bool cache = cfg->flags & ABUSE_F_FLUSH;
+	struct request_queue *q;
+	struct gendisk *disk;
+
+	disk = blk_mq_alloc_disk(&dev->tag_set, dev);
+	if (IS_ERR(disk))
+		return disk;
+	q = disk->queue;
+	blk_queue_logical_block_size(q, cfg->block_size);
+	blk_queue_physical_block_size(q, cfg->block_size);
+	blk_queue_io_min(q, cfg->block_size);
+	blk_queue_max_hw_sectors(q, cfg->max_request_bytes >> SECTOR_SHIFT);
+	if (cfg->flags & ABUSE_F_DISCARD) {
+		q->limits.discard_granularity = cfg->block_size;
+		blk_queue_max_discard_sectors(q, UINT_MAX >> SECTOR_SHIFT);
+	}
+	if (cfg->flags & ABUSE_F_WRITE_ZEROES)
+		blk_queue_max_write_zeroes_sectors(q,
+						   UINT_MAX >> SECTOR_SHIFT);
+	blk_queue_write_cache(q, cache, cache);
+	if (cfg->flags & ABUSE_F_ROTATIONAL)
+		blk_queue_flag_clear(QUEUE_FLAG_NONROT, q);
+	else
+		blk_queue_flag_set(QUEUE_FLAG_NONROT, q);
+	return disk;
+}
+#endif
 
 static inline struct abuse_cmd *abuse_cmd(struct request *rq)
 {
@@ -316,9 +391,9 @@ static const struct blk_mq_ops abuse_mq_ops = {
 };
 
 /* Refuse new openers of a disk being destroyed.  Under disk->open_mutex. */
-static int abuse_bdev_open(struct block_device *bdev, fmode_t mode)
+static int abuse_disk_open(struct gendisk *disk)
 {
-	struct abuse_device *dev = bdev->bd_disk->private_data;
+	struct abuse_device *dev = disk->private_data;
 	bool dead;
 
 	spin_lock_irq(&dev->lock);
@@ -720,31 +795,6 @@ static int abuse_check_config(struct abuse_config *cfg)
 	return 0;
 }
 
-/* Queue limits from the config: the one place that differs by kernel. */
-static void abuse_set_limits(struct abuse_device *dev)
-{
-	const struct abuse_config *cfg = &dev->config;
-	struct request_queue *q = dev->disk->queue;
-	bool cache = cfg->flags & ABUSE_F_FLUSH;
-
-	blk_queue_logical_block_size(q, cfg->block_size);
-	blk_queue_physical_block_size(q, cfg->block_size);
-	blk_queue_io_min(q, cfg->block_size);
-	blk_queue_max_hw_sectors(q, cfg->max_request_bytes >> SECTOR_SHIFT);
-	if (cfg->flags & ABUSE_F_DISCARD) {
-		q->limits.discard_granularity = cfg->block_size;
-		blk_queue_max_discard_sectors(q, UINT_MAX >> SECTOR_SHIFT);
-	}
-	if (cfg->flags & ABUSE_F_WRITE_ZEROES)
-		blk_queue_max_write_zeroes_sectors(q,
-						   UINT_MAX >> SECTOR_SHIFT);
-	blk_queue_write_cache(q, cache, cache);
-	if (cfg->flags & ABUSE_F_ROTATIONAL)
-		blk_queue_flag_clear(QUEUE_FLAG_NONROT, q);
-	else
-		blk_queue_flag_set(QUEUE_FLAG_NONROT, q);
-}
-
 static int abuse_ctl_create(struct abuse_config *cfg)
 {
 	struct abuse_device *dev;
@@ -784,7 +834,7 @@ static int abuse_ctl_create(struct abuse_config *cfg)
 	if (ret)
 		goto out_free_rqs;
 
-	disk = blk_mq_alloc_disk(&dev->tag_set, dev);
+	disk = abuse_alloc_disk(dev);
 	if (IS_ERR(disk)) {
 		ret = PTR_ERR(disk);
 		goto out_free_tag_set;
@@ -792,7 +842,6 @@ static int abuse_ctl_create(struct abuse_config *cfg)
 	dev->disk = disk;
 	disk->fops = &abuse_bdev_ops;
 	disk->private_data = dev;
-	abuse_set_limits(dev);
 	set_capacity(disk, cfg->size >> SECTOR_SHIFT);
 
 	mutex_lock(&abuse_ctl_mutex);

@@ -530,3 +530,90 @@ def test_abuse_errors_pickle() -> None:
     again = pickle.loads(pickle.dumps(err))
     assert isinstance(again, AbuseError)
     assert str(again) == str(err)
+
+
+# --- serve --create/--record (the systemd unit) -------------------------------
+
+
+def test_serve_create_records_the_new_disk(
+    capsys: pytest.CaptureFixture[str], control: FakeControl, pool: type[FakePool], tmp_path: Path
+) -> None:
+    record = tmp_path / "run" / "disk.dev"
+    code, out, err = run(
+        capsys, "serve", "--create", "1G", "--record", str(record), "--backend", "null", "--workers", "2"
+    )
+    assert code == 0, err
+    assert control.calls[0] == (
+        "create",
+        {"size": G, "flags": uapi.ABUSE_F_FLUSH, "timeout_ms": 30000, "retries": 3},
+    )
+    assert record.read_text() == "/dev/abuse2\n"
+    assert pool.made[0].index == 2
+
+
+def test_serve_create_reuses_the_recorded_disk(
+    capsys: pytest.CaptureFixture[str], control: FakeControl, pool: type[FakePool], tmp_path: Path
+) -> None:
+    record = tmp_path / "disk.dev"
+    record.write_text("/dev/abuse0\n")
+    code, out, err = run(
+        capsys, "serve", "--create", "10G", "--record", str(record), "--backend", "null", "--workers", "1"
+    )
+    assert code == 0, err
+    assert [call for call in control.calls if call[0] == "create"] == []
+    assert pool.made[0].index == 0
+
+
+def test_serve_create_replaces_a_stale_record(
+    capsys: pytest.CaptureFixture[str], control: FakeControl, pool: type[FakePool], tmp_path: Path
+) -> None:
+    record = tmp_path / "disk.dev"
+    record.write_text("/dev/abuse7\n")  # gone: the module was reloaded
+    code, out, err = run(
+        capsys, "serve", "--create", "1G", "--record", str(record), "--backend", "null", "--workers", "1"
+    )
+    assert code == 0, err
+    assert record.read_text() == "/dev/abuse2\n"
+
+
+@pytest.mark.parametrize(
+    ("recorded", "size", "message"),
+    [
+        ("/dev/abuse3", "512M", "/dev/abuse3 (recorded in {}) is already served by another process"),
+        ("/dev/abuse0", "1G", "/dev/abuse0 (recorded in {}) is 10G, not 1G: resize or destroy it first"),
+    ],
+)
+def test_serve_create_refuses_a_recorded_disk_it_cannot_take(
+    capsys: pytest.CaptureFixture[str],
+    control: FakeControl,
+    pool: type[FakePool],
+    tmp_path: Path,
+    recorded: str,
+    size: str,
+    message: str,
+) -> None:
+    record = tmp_path / "disk.dev"
+    record.write_text(recorded + "\n")
+    code, out, err = run(
+        capsys, "serve", "--create", size, "--record", str(record), "--backend", "null", "--workers", "1"
+    )
+    assert code == 1
+    assert one_line(err) == "abusectl: " + message.format(record)
+    assert pool.made == []
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["0", "--create", "1G"], "serve takes DEV or --create SIZE, not both"),
+        ([], "serve needs DEV or --create SIZE"),
+        (["0", "--record", "/tmp/x"], "--record needs --create"),
+    ],
+)
+def test_serve_create_usage(
+    capsys: pytest.CaptureFixture[str], control: FakeControl, argv: list[str], message: str
+) -> None:
+    code, out, err = run(capsys, "serve", *argv, "--backend", "null", "--workers", "1")
+    assert code == 1
+    assert one_line(err) == f"abusectl: {message}"
+    assert control.calls == []

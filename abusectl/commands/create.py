@@ -8,6 +8,7 @@ from abuse import uapi
 from abuse.sizes import format_size
 from abusectl import args as types
 from abusectl.devices import open_control
+from abusectl.service import CREATE_RETRIES, CREATE_TIMEOUT_MS
 
 _BLOCK_SIZES = (512, 1024, 2048, 4096)
 
@@ -26,14 +27,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--timeout",
         type=types.seconds,
-        default=30.0,
+        default=CREATE_TIMEOUT_MS / 1000,
         metavar="S",
         help="seconds before an unanswered request is retried; 0 = wait forever (default 30)",
     )
     parser.add_argument(
         "--retries",
         type=types.non_negative,
-        default=3,
+        default=CREATE_RETRIES,
         metavar="N",
         help="retries after a timeout (default 3)",
     )

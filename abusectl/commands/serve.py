@@ -4,6 +4,10 @@ Order, so that each mistake is reported before anything starts: the
 backend spec's shape is checked while parsing (before /dev/abuse is
 opened), then the disk is looked up (its size sizes the backend), then
 the backend is opened, and only then are workers started.
+
+Without DEV, ``--create SIZE`` serves a new disk, or with ``--record
+FILE`` the one a previous run created (abusectl.service): that is how
+the systemd unit abuse-serve@.service keeps one disk across restarts.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import logging
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Callable, Protocol, TextIO
 
 from abuse import uapi
@@ -22,6 +27,7 @@ from abuse.control import Control, DiskConfig
 from abuse.sizes import format_size
 from abusectl import args as types
 from abusectl.devices import disk_info, open_control
+from abusectl.service import reuse_or_create
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +48,19 @@ class _PoolView(Protocol):
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``abusectl serve``."""
-    parser.add_argument("dev", type=types.dev, metavar="DEV", help="/dev/abuseN, abuseN or N")
+    parser.add_argument("dev", type=types.dev, nargs="?", metavar="DEV", help="/dev/abuseN, abuseN or N")
+    parser.add_argument(
+        "--create",
+        type=types.size,
+        metavar="SIZE",
+        help="instead of DEV: create a disk of SIZE (or reuse the one in --record) and serve it",
+    )
+    parser.add_argument(
+        "--record",
+        type=Path,
+        metavar="FILE",
+        help="with --create: the file that names the created disk, reused when it still exists",
+    )
     parser.add_argument(
         "--backend",
         type=types.backend_spec,
@@ -119,8 +137,17 @@ def run(args: argparse.Namespace) -> int:
     """
     if args.batch > uapi.ABUSE_MAX_BATCH:
         raise ValueError(f"--batch {args.batch} is more than the module's limit {uapi.ABUSE_MAX_BATCH}")
+    if args.dev is not None and args.create is not None:
+        raise ValueError("serve takes DEV or --create SIZE, not both")
+    if args.dev is None and args.create is None:
+        raise ValueError("serve needs DEV or --create SIZE")
+    if args.record is not None and args.create is None:
+        raise ValueError("--record needs --create")
     with open_control() as control:
-        config = disk_info(control, args.dev).config
+        if args.dev is not None:
+            config = disk_info(control, args.dev).config
+        else:
+            config = reuse_or_create(control, args.create, args.record)
         with open_backend(args.backend, config.size) as backend:
             # Imported here: only serving needs psutil and the process machinery.
             from abuse.pool import Pool
