@@ -26,6 +26,7 @@ from typing import Any
 
 import psutil
 
+from abuse.control import Control
 from bench.jobs import JOBS, SCALE_QUEUE_DEPTHS, SCALE_WORKERS, Job, scale_job
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -68,43 +69,32 @@ def wait_for(what: str, ready: Any, timeout: float = 60.0) -> None:
         time.sleep(0.05)
 
 
-def abusectl(*args: str) -> str:
-    return run([PYTHON, "-m", "abusectl", *args], cwd=ROOT)
-
-
 @contextlib.contextmanager
-def abuse_disk(size: int, backend: str, workers: int, batch: int) -> Iterator[Device]:
-    """A fresh abuse disk served by ``workers`` processes of ``abusectl serve``."""
-    path = abusectl("create", "--size", str(size), "--timeout", "0").strip()
-    attached = Path(f"/sys/block/{os.path.basename(path)}/abuse/attached")
-    serve = subprocess.Popen(
-        [PYTHON, "-m", "abusectl", "serve", path, "--backend", backend]
-        + ["--workers", str(workers), "--batch", str(batch)],
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-    )
-    try:
-        wait_for(f"{workers} workers on {path}", lambda: int(attached.read_text()) == workers)
-        yield Device(path, [psutil.Process(serve.pid)])
-    finally:
-        serve.terminate()
-        serve.wait(timeout=60)
-        abusectl("destroy", path, "--force")
+def served_abuse_disk(size: int, server: list[str], workers: int) -> Iterator[Device]:
+    """A fresh abuse disk (no request timeout) served by ``server DEV``."""
+    with Control() as control:
+        config = control.create(size, timeout_ms=0)
+        attached = Path(f"/sys/block/{config.name}/abuse/attached")
+        proc = subprocess.Popen([*server, config.path], cwd=ROOT, stdout=subprocess.DEVNULL)
+        try:
+            wait_for(f"{workers} workers on {config.path}", lambda: int(attached.read_text()) == workers)
+            yield Device(config.path, [psutil.Process(proc.pid)])
+        finally:
+            proc.terminate()
+            proc.wait(timeout=120)
+            control.destroy(config.index, force=True)
 
 
-@contextlib.contextmanager
-def profiled_disk(size: int, out: Path) -> Iterator[Device]:
+def abuse_disk(size: int, backend: str, workers: int, batch: int) -> Any:
+    """An abuse disk served by ``workers`` processes of ``abusectl serve``."""
+    serve = [PYTHON, "-m", "abusectl", "serve", "--backend", backend]
+    serve += ["--workers", str(workers), "--batch", str(batch)]
+    return served_abuse_disk(size, serve, workers)
+
+
+def profiled_disk(size: int, out: Path) -> Any:
     """An abuse disk served by one worker under cProfile (bench.profile_worker)."""
-    path = abusectl("create", "--size", str(size), "--timeout", "0").strip()
-    attached = Path(f"/sys/block/{os.path.basename(path)}/abuse/attached")
-    worker = subprocess.Popen([PYTHON, "-m", "bench.profile_worker", path, str(out)], cwd=ROOT)
-    try:
-        wait_for(f"the worker on {path}", lambda: int(attached.read_text()) == 1)
-        yield Device(path, [psutil.Process(worker.pid)])
-    finally:
-        worker.terminate()
-        worker.wait(timeout=120)
-        abusectl("destroy", path, "--force")
+    return served_abuse_disk(size, [PYTHON, "-m", "bench.profile_worker", str(out)], 1)
 
 
 @contextlib.contextmanager

@@ -1,9 +1,9 @@
 """One abuse worker under cProfile, for ``bench.guest --profile``.
 
-    python -m bench.profile_worker /dev/abuseN OUT.txt
+    python -m bench.profile_worker OUT.txt /dev/abuseN
 
 Serves the disk from a memory backend until SIGTERM, then writes the
-profile, sorted by own time, to OUT.txt.
+profile (CPU time, sorted by own time) to OUT.txt.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import io
 import pstats
 import signal
 import sys
+import time
 from types import FrameType
 
 from abuse.backends.memory import MemoryBackend
@@ -21,7 +22,7 @@ from abuse.worker import Worker
 
 
 def main(argv: list[str]) -> int:
-    device, out = argv
+    out, device = argv
     index = int(device.removeprefix("/dev/abuse"))
     stop = False
 
@@ -34,7 +35,7 @@ def main(argv: list[str]) -> int:
         size = control.info(index).config.size
         with MemoryBackend(size) as backend:
             worker = Worker(control, index, backend)
-            profile = cProfile.Profile()
+            profile = cProfile.Profile(time.process_time)
             profile.runcall(worker.serve, lambda: stop)
             worker.close()
     text = io.StringIO()
