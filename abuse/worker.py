@@ -12,7 +12,8 @@ read with one ``struct.iter_unpack`` over the request array and each
 reply is written with ``struct.pack_into``, in layouts derived from the
 header by :func:`abuse.uapi.struct_format`.  Data is served through
 memoryviews into the buffer, so the only copies are the kernel's own and
-the backend's.
+the backend's; a backend that keeps the disk mapped (``memory``) answers
+reads with the mapping's address, and the kernel copies from there.
 """
 
 from __future__ import annotations
@@ -102,6 +103,7 @@ class Worker:
     def _run_batch(self, count: int) -> int:
         """Run the first ``count`` requests and fill their replies."""
         backend = self.backend
+        mapped_address = backend.mapped_address
         view = self._view
         base = self._base
         replies = self._replies
@@ -113,7 +115,11 @@ class Worker:
             result = 0
             try:
                 if op == _READ:
-                    backend.read(offset, view[data - base : data - base + length])
+                    address = mapped_address(offset, length)
+                    if address:
+                        data = address  # the kernel copies from the backend itself
+                    else:
+                        backend.read(offset, view[data - base : data - base + length])
                 elif op == _WRITE:
                     backend.write(offset, view[data - base : data - base + length])
                     if flags & _FUA:

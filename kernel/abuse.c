@@ -255,8 +255,12 @@ static blk_status_t abuse_queue_rq(struct blk_mq_hw_ctx *hctx,
 	list_add_tail(&cmd->node, &dev->queue);
 	spin_unlock_irqrestore(&dev->lock, flags);
 
-	/* Wakes one exclusive GET waiter, and every poller. */
-	wake_up(&dev->wait);
+	/*
+	 * Wakes one exclusive GET waiter, and every poller.  Sync: the
+	 * submitter usually sleeps next, so the worker may run on this CPU
+	 * instead of waking another one.
+	 */
+	wake_up_interruptible_sync(&dev->wait);
 	return BLK_STS_OK;
 }
 
