@@ -158,6 +158,28 @@ def fio(device: Device, job: Job, runtime: int) -> dict[str, Any]:
     }
 
 
+def prefill(device: Device) -> None:
+    """Write the whole device once, so that every job reads written data.
+
+    Reads of never-written ranges cost differently on each target (a
+    shared zero page, a fresh page, a sparse-array lookup): not the
+    thing measured.
+    """
+    run(
+        [
+            "fio",
+            "--name=prefill",
+            "--filename=" + device.path,
+            "--ioengine=io_uring",
+            "--direct=1",
+            "--rw=write",
+            "--bs=1M",
+            "--iodepth=4",
+            "--output-format=json",
+        ]
+    )
+
+
 def _busy_cpu() -> float:
     times = psutil.cpu_times()
     return float(sum(times) - times.idle - getattr(times, "iowait", 0.0))
@@ -186,6 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", default="", help="comma-separated targets (default: all)")
     parser.add_argument("--no-scaling", action="store_true", help="skip the scaling runs")
     parser.add_argument("--profile", action="store_true", help="only profile one worker, per job")
+    parser.add_argument("--no-prefill", action="store_true", help="do not write each device first")
     args = parser.parse_args(argv)
 
     TMPFS.mkdir(parents=True, exist_ok=True)
@@ -201,25 +224,27 @@ def main(argv: list[str] | None = None) -> int:
         "runs": [],
     }
     chosen = [name for name in args.only.split(",") if name]
+    fill = not args.no_prefill
+    result["prefilled"] = fill
     failed = 0
     try:
         if args.profile:
             for job in JOBS:
                 out = args.out / f"profile-{job.name}.txt"
                 factory = lambda out=out: profiled_disk(args.size, out)  # noqa: E731
-                failed += _measure(result, "abuse-profiled", factory, [job], args.runtime)
+                failed += _measure(result, "abuse-profiled", factory, [job], args.runtime, fill)
             return 1 if failed else 0
         for name, factory in targets(args.size, args.batch).items():
             if chosen and name not in chosen:
                 continue
-            failed += _measure(result, name, factory, JOBS, args.runtime)
+            failed += _measure(result, name, factory, JOBS, args.runtime, fill)
         if not args.no_scaling:
             for workers in SCALE_WORKERS:
                 factory = lambda w=workers: abuse_disk(args.size, "memory", w, args.batch)  # noqa: E731
                 jobs = [scale_job(qd) for qd in SCALE_QUEUE_DEPTHS]
-                failed += _measure(result, f"scale-abuse-mem-{workers}w", factory, jobs, args.runtime)
+                failed += _measure(result, f"scale-abuse-mem-{workers}w", factory, jobs, args.runtime, fill)
             jobs = [scale_job(qd) for qd in SCALE_QUEUE_DEPTHS]
-            failed += _measure(result, "scale-loop", lambda: loop_disk(args.size), jobs, args.runtime)
+            failed += _measure(result, "scale-loop", lambda: loop_disk(args.size), jobs, args.runtime, fill)
     finally:
         result["guest_loadavg_after"] = os.getloadavg()
         (args.out / "raw.json").write_text(json.dumps(result, indent=1))
@@ -227,12 +252,17 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if failed else 0
 
 
-def _measure(result: dict[str, Any], name: str, factory: Any, jobs: list[Job], runtime: int) -> int:
+def _measure(
+    result: dict[str, Any], name: str, factory: Any, jobs: list[Job], runtime: int, fill: bool = True
+) -> int:
     """Run ``jobs`` on a fresh device from ``factory``; 1 if it failed."""
     print(f"bench: {name}", flush=True)
     start = time.monotonic()
     try:
         with factory() as device:
+            if fill:
+                prefill(device)
+                print(f"bench:   prefilled  (t+{time.monotonic() - start:.0f} s)", flush=True)
             for job in jobs:
                 measured = fio(device, job, runtime)
                 read = measured["fio"]["jobs"][0]["read"]

@@ -21,7 +21,7 @@ class Job:
         return not self.rw.startswith("rand")
 
 
-# Writes before reads, so that reads mostly find written data.
+# Every device is written whole before its jobs (bench.guest.prefill).
 JOBS = [
     Job("seqwrite-1M-qd4", "write", "1M", 4),
     Job("seqread-1M-qd4", "read", "1M", 4),

@@ -201,7 +201,8 @@ def markdown(raw: dict[str, Any], rows: list[Row], images: tuple[str, str] | Non
         "",
         f"fio io_uring, direct=1, {raw['runtime_s']} s per job, {raw['size'] >> 20} MiB devices, "
         f"{raw['cpus']} vCPUs (QEMU TCG); abuse batch {raw['batch']}; {_load(raw)}.",
-        "Ratios compare targets inside this one boot only.",
+        ("Each device was written whole before its jobs. " if raw.get("prefilled") else "")
+        + "Ratios compare targets inside this one boot only.",
         "",
     ]
     lines += _summary_table(rows)
