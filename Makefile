@@ -2,6 +2,7 @@
 #
 #   make test    install what is missing, build, run host + kernel tiers
 #   make run     install what is missing, build, serve a 10G memory disk
+#   make bench   abuse beside loop and nbdkit, in one guest boot (slow)
 #
 # The kernel tier runs in a TCG guest (virtme-ng) when the running
 # kernel cannot load modules.  KVER names the kernel to build for.
@@ -11,7 +12,7 @@ KDIR ?= /lib/modules/$(KVER)/build
 PYTHON := .venv/bin/python
 PYTEST := $(PYTHON) -m pytest -p no:cacheprovider
 
-.PHONY: all deps module test test-host test-kernel test-kernel-6.12 test-faults run check clean \
+.PHONY: all deps module test test-host test-kernel test-kernel-6.12 test-faults run bench check clean \
 	load unload install install-module install-files install-python dkms-install
 
 all: module
@@ -59,6 +60,10 @@ test-faults:
 run: deps
 	$(MAKE) module
 	scripts/kernel-tier --run
+
+# Not part of test: slow and timing-based.  BENCH_RUNTIME=s per fio job.
+bench:
+	bench/run
 
 check:
 	scripts/check

@@ -211,16 +211,26 @@ class Xfer:
         self.arg.buffer_size = buffer_size
         self.arg.max_requests = batch
 
-    def exchange(self, nr_replies: int, wait: bool, fetch: bool = True) -> int:
+    def exchange(self, nr_replies: int, wait: bool, fetch: bool = True, wait_ms: int | None = None) -> int:
         """PUT ``nr_replies`` replies, GET a batch; returns requests got.
 
-        With ``fetch`` false only the PUT half runs.  Raises OSError with
-        the kernel's errno (EINTR, ENODEV, ...).
+        With nothing queued the GET returns 0 at once unless ``wait``; it
+        then blocks until a request arrives, or ``wait_ms`` passes if not
+        None.  With ``fetch`` false only the PUT half runs.  Raises OSError
+        with the kernel's errno (EINTR, ENODEV, ...).
         """
         arg = self.arg
         arg.nr_replies = nr_replies
         arg.max_requests = self.batch if fetch else 0
-        arg.flags = 0 if wait else uapi.ABUSE_XFER_NOWAIT
+        if not wait:
+            arg.flags = uapi.ABUSE_XFER_NOWAIT
+            arg.timeout_ms = 0
+        elif wait_ms is None:
+            arg.flags = 0
+            arg.timeout_ms = 0
+        else:
+            arg.flags = uapi.ABUSE_XFER_TIMEOUT
+            arg.timeout_ms = wait_ms
         if uapi.lib.ioctl(self._fd, self._put, arg) < 0:
             err = uapi.ffi.errno
             raise OSError(err, os.strerror(err))

@@ -110,13 +110,15 @@ class _Slot:
     failures: int = 0  # consecutive deaths within quick_death of spawning
 
 
-def _harden(mlock_flags: int = _MCL_CURRENT | _MCL_FUTURE) -> list[str]:
+def _harden(mlock_flags: int = _MCL_CURRENT | _MCL_FUTURE | _MCL_ONFAULT) -> list[str]:
     """Make this process fit to serve writeback; return what failed.
 
     PR_SET_IO_FLUSHER lets the worker's own allocations dip into reserves
     and skip I/O reclaim; mlockall keeps its pages from being paged out
     to, possibly, the disk it serves.  Both need privileges
     (CAP_SYS_RESOURCE, CAP_IPC_LOCK or a large RLIMIT_MEMLOCK).
+    MCL_ONFAULT locks pages as they are touched instead of populating
+    every mapping at once: a ``memory`` backend maps the whole disk.
     """
     problems = []
     if _libc.prctl(_PR_SET_IO_FLUSHER, 1, 0, 0, 0) < 0:
@@ -130,9 +132,7 @@ def _probe_hardening() -> list[str]:
     """Try :func:`_harden` in a throwaway child; return what failed.
 
     The supervisor itself must stay unlocked and unflagged, and the same
-    calls in the same credentials are the only exact test.  The probe
-    locks with MCL_ONFAULT, which the kernel permits on exactly the same
-    terms but which does not populate (and un-share) every page.
+    calls in the same credentials are the only exact test.
     """
     read_end, write_end = os.pipe()
     pid = os.fork()
@@ -140,7 +140,7 @@ def _probe_hardening() -> list[str]:
         code = 1
         try:
             os.close(read_end)
-            report = "\n".join(_harden(_MCL_CURRENT | _MCL_FUTURE | _MCL_ONFAULT))
+            report = "\n".join(_harden())
             os.write(write_end, report.encode())
             code = 0
         finally:

@@ -15,7 +15,7 @@ from typing import Any
 import cffi
 import ioctl_opt
 
-__all__ = ["HEADER_TEXT", "constants", "ffi", "ioctls", "lib", "sizeof"]
+__all__ = ["HEADER_TEXT", "constants", "ffi", "ioctls", "lib", "sizeof", "struct_format"]
 
 _TYPES_PRELUDE = """
 typedef uint8_t __u8; typedef uint16_t __u16; typedef uint32_t __u32;
@@ -99,6 +99,38 @@ globals().update(ioctls)
 def sizeof(struct: str) -> int:
     """Size in bytes of ``struct <struct>`` as laid out by the header."""
     return int(ffi.sizeof(f"struct {struct}"))
+
+
+_STRUCT_CODES = {
+    "uint8_t": "B",
+    "uint16_t": "H",
+    "uint32_t": "I",
+    "uint64_t": "Q",
+    "int32_t": "i",
+    "int64_t": "q",
+}
+
+
+def struct_format(struct: str) -> str:
+    """A :mod:`struct` format for ``struct <struct>``, derived from its cffi layout.
+
+    Native byte order, one code per field in order, so that arrays of
+    descriptors can be read with ``iter_unpack`` and written with
+    ``pack_into`` without a cffi object per field.  Raises ValueError if
+    a field is not a plain integer or the struct has implicit padding.
+    """
+    ctype = ffi.typeof(f"struct {struct}")
+    codes = []
+    offset = 0
+    for name, field in ctype.fields:
+        code = _STRUCT_CODES.get(field.type.cname)
+        if code is None or field.offset != offset:
+            raise ValueError(f"struct {struct}: field {name} has no plain struct code")
+        codes.append(code)
+        offset += ffi.sizeof(field.type)
+    if offset != ffi.sizeof(ctype):
+        raise ValueError(f"struct {struct}: trailing padding")
+    return "=" + "".join(codes)
 
 
 def __getattr__(name: str) -> int:

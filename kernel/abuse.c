@@ -330,8 +330,12 @@ static blk_status_t abuse_queue_rq(struct blk_mq_hw_ctx *hctx,
 	list_add_tail(&cmd->node, &dev->queue);
 	spin_unlock_irqrestore(&dev->lock, flags);
 
-	/* Wakes one exclusive GET waiter, and every poller. */
-	wake_up(&dev->wait);
+	/*
+	 * Wakes one exclusive GET waiter, and every poller.  Sync: the
+	 * submitter usually sleeps next, so the worker may run on this CPU
+	 * instead of waking another one.
+	 */
+	wake_up_interruptible_sync(&dev->wait);
 	return BLK_STS_OK;
 }
 
@@ -615,16 +619,46 @@ static bool abuse_has_work(struct abuse_device *dev)
 }
 
 /*
+ * Sleep until @dev has work, a signal arrives or @timeout jiffies pass.
+ * Exclusive: queue_rq wakes one waiter per request, not a herd.  Returns
+ * the jiffies left (0 once timed out) or -EINTR.  May sleep.
+ */
+static long abuse_wait_work(struct abuse_device *dev, long timeout)
+{
+	DEFINE_WAIT(wait);
+
+	for (;;) {
+		prepare_to_wait_exclusive(&dev->wait, &wait, TASK_INTERRUPTIBLE);
+		if (abuse_has_work(dev) || !timeout)
+			break;
+		if (signal_pending(current)) {
+			timeout = -EINTR;
+			break;
+		}
+		timeout = schedule_timeout(timeout);
+	}
+	finish_wait(&dev->wait, &wait);
+	return timeout;
+}
+
+/*
  * The GET half: fill up to x->max_requests descriptors.  Blocks while
- * nothing is queued unless ABUSE_XFER_NOWAIT.  An error after the first
- * descriptor ends the batch early instead; the caller gets what it has.
+ * nothing is queued unless ABUSE_XFER_NOWAIT, or for x->timeout_ms at
+ * most with ABUSE_XFER_TIMEOUT.  An error after the first descriptor
+ * ends the batch early instead; the caller gets what it has.
  */
 static int abuse_get(struct abuse_device *dev, struct file *file,
 		     struct abuse_xfer *x)
 {
+	long wait = MAX_SCHEDULE_TIMEOUT;
 	u64 used = 0;
 	u32 n = 0;
 	int ret = 0;
+
+	if (x->flags & ABUSE_XFER_NOWAIT)
+		wait = 0;
+	else if (x->flags & ABUSE_XFER_TIMEOUT)
+		wait = msecs_to_jiffies(x->timeout_ms);
 
 	x->nr_requests = 0;
 	while (x->max_requests) {
@@ -636,12 +670,11 @@ static int abuse_get(struct abuse_device *dev, struct file *file,
 				break;
 			n++;
 		}
-		if (n || ret < 0 || (x->flags & ABUSE_XFER_NOWAIT))
+		if (n || ret < 0 || !wait)
 			break;
-		/* Exclusive: one waiter per queued request, not a herd. */
-		if (wait_event_interruptible_exclusive(dev->wait,
-						       abuse_has_work(dev))) {
-			ret = -EINTR;
+		wait = abuse_wait_work(dev, wait);
+		if (wait < 0) {
+			ret = wait;
 			break;
 		}
 	}
@@ -1078,7 +1111,9 @@ static int abuse_ctl_xfer(struct file *file, struct abuse_xfer *x, bool put)
 
 	if (!dev)
 		return -EBADFD;
-	if (x->flags & ~ABUSE_XFER_ALL || x->__pad ||
+	if (x->flags & ~ABUSE_XFER_ALL ||
+	    (x->flags & ABUSE_XFER_NOWAIT && x->flags & ABUSE_XFER_TIMEOUT) ||
+	    (!(x->flags & ABUSE_XFER_TIMEOUT) && x->timeout_ms) ||
 	    !abuse_reserved_zero(x->__reserved, ARRAY_SIZE(x->__reserved)) ||
 	    (!put && x->nr_replies))
 		return -EINVAL;

@@ -158,7 +158,8 @@ struct abuse_reply {
 
 /* abuse_xfer.flags */
 #define ABUSE_XFER_NOWAIT		(1U << 0)	/* GET never blocks */
-#define ABUSE_XFER_ALL			0x1U
+#define ABUSE_XFER_TIMEOUT		(1U << 1)	/* GET waits @timeout_ms at most */
+#define ABUSE_XFER_ALL			0x3U
 
 /*
  * struct abuse_xfer - argument of GET and PUT on an attached file.
@@ -168,8 +169,10 @@ struct abuse_reply {
  * moves up to @max_requests queued requests to in flight, copies each
  * write's payload into @buffer and fills @requests.  With nothing
  * queued it blocks until a request arrives, unless ABUSE_XFER_NOWAIT,
- * in which case it returns 0 with @nr_requests 0.  A request larger
- * than @buffer_size is never handed out: -ENOBUFS.
+ * in which case it returns 0 with @nr_requests 0, or ABUSE_XFER_TIMEOUT,
+ * in which case it returns so after @timeout_ms without a request.  One
+ * blocked GET is woken per queued request.  A request larger than
+ * @buffer_size is never handed out: -ENOBUFS.
  */
 struct abuse_xfer {
 	__u64 replies;			/* in: user address of abuse_reply[] */
@@ -181,7 +184,7 @@ struct abuse_xfer {
 	__u32 nr_requests;		/* out: descriptors filled */
 	__u32 nr_accepted;		/* out: replies with status 0 */
 	__u32 flags;			/* in: ABUSE_XFER_* */
-	__u32 __pad;			/* must be 0 */
+	__u32 timeout_ms;		/* in: with ABUSE_XFER_TIMEOUT, else 0 */
 	__u64 __reserved[2];		/* must be 0 */
 };
 

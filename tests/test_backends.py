@@ -7,6 +7,7 @@ so: ``null`` drops writes, ``zero`` refuses them with EROFS.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import mmap
 import os
@@ -96,11 +97,25 @@ def pattern(seed: int, length: int) -> bytes:
 
 
 def read(backend: Backend, buffer: memoryview, offset: int, length: int) -> bytes:
-    """Read through a slice of ``buffer`` that holds garbage beforehand."""
+    """Read through a slice of ``buffer`` that holds garbage beforehand.
+
+    Where the backend offers the bytes by address (the worker then hands
+    that address to the kernel), they must be the same bytes.
+    """
     with buffer[:length] as view:
         view[:] = b"\xaa" * length
         backend.read(offset, view)
-        return bytes(view)
+        data = bytes(view)
+    address = backend.mapped_address(offset, length)
+    if address:
+        assert ctypes.string_at(address, length) == data
+    return data
+
+
+def test_memory_backend_offers_reads_by_address() -> None:
+    with open_backend("memory", SIZE) as backend:
+        assert backend.mapped_address(SIZE - 4096, 4096) != 0
+        assert backend.mapped_address(SIZE - 4096, 8192) == 0  # past the end
 
 
 def write(backend: Backend, buffer: memoryview, offset: int, data: bytes) -> None:

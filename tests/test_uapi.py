@@ -73,3 +73,21 @@ def test_constants_and_ioctl_numbers_match_c(compiled: dict[str, int]) -> None:
 
 def test_header_is_shipped_with_the_package() -> None:
     assert uapi.HEADER_TEXT == HEADER.read_text()
+
+
+@pytest.mark.parametrize("struct", ["abuse_request", "abuse_reply"])
+def test_struct_format_matches_layout(struct: str) -> None:
+    import struct as pystruct
+
+    fmt = uapi.struct_format(struct)
+    fields = uapi.ffi.typeof(f"struct {struct}").fields
+    assert pystruct.calcsize(fmt) == uapi.sizeof(struct)
+    assert len(fmt) - 1 == len(fields)
+    values = list(range(1, len(fields) + 1))
+    cdata = uapi.ffi.new(f"struct {struct} *", dict(zip([name for name, _ in fields], values)))
+    assert pystruct.unpack(fmt, uapi.ffi.buffer(cdata)) == tuple(values)
+
+
+def test_struct_format_refuses_arrays() -> None:
+    with pytest.raises(ValueError, match="__reserved"):
+        uapi.struct_format("abuse_xfer")

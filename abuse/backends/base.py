@@ -31,6 +31,16 @@ class Backend:
         """Store ``data`` at ``offset``."""
         raise NotImplementedError
 
+    def mapped_address(self, offset: int, length: int) -> int:
+        """Where ``length`` bytes at ``offset`` sit in this process's memory, or 0.
+
+        A backend that keeps the whole disk mapped returns the address, and
+        the worker answers a read with it: the kernel copies the data from
+        there into the request, with no copy into the worker's buffer
+        first.  The default, 0, means "call :meth:`read`".
+        """
+        return 0
+
     def flush(self) -> None:
         """Make every completed write durable."""
 

@@ -1,15 +1,24 @@
 """``memory`` — a sparse memfd shared by every worker process.
 
-Reads of never-written ranges come from the kernel's zero page, so a
-10G disk costs only the pages written; discard punches the pages out.
-Forked workers inherit the same memfd, so they all see one disk.
+The memfd is mapped.  A write is a slice copy from the worker's buffer
+into the mapping; a read is answered with the mapping's own address, so
+the kernel copies straight from it into the request: one copy each way
+and no system call per request.  A 10G disk costs only the pages touched (reading a range never
+written allocates its pages too: shmem has no shared zero page), and
+discard punches pages out.  Forked workers inherit the same memfd and
+mapping, so they all see one disk.
 """
 
 from __future__ import annotations
 
+import mmap
 import os
 
+import cffi
+
 from abuse.backends.file import FdBackend
+
+_ffi = cffi.FFI()
 
 __all__ = ["MemoryBackend"]
 
@@ -19,5 +28,42 @@ class MemoryBackend(FdBackend):
 
     def __init__(self, size: int, name: str = "abuse-memory") -> None:
         fd = os.memfd_create(name, os.MFD_CLOEXEC)
-        os.ftruncate(fd, size)
+        try:
+            os.ftruncate(fd, size)
+            self._map = mmap.mmap(fd, size)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._disk = memoryview(self._map)
+        self._pointer = _ffi.from_buffer(self._map)
+        self._address = int(_ffi.cast("uintptr_t", self._pointer))
         super().__init__(fd, size)
+
+    def mapped_address(self, offset: int, length: int) -> int:
+        if offset + length > self.size:
+            return 0
+        return self._address + offset
+
+    def read(self, offset: int, buf: memoryview) -> None:
+        end = offset + len(buf)
+        if end > self.size:  # past the end (a disk grown online): zeroes
+            super().read(offset, buf)
+            return
+        buf[:] = self._disk[offset:end]
+
+    def write(self, offset: int, data: memoryview) -> None:
+        end = offset + len(data)
+        if end > self.size:
+            super().write(offset, data)
+            return
+        self._disk[offset:end] = data
+
+    def flush(self) -> None:
+        """Nothing to do: the memfd is the disk, and it is not durable."""
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            _ffi.release(self._pointer)
+            self._disk.release()
+            self._map.close()
+        super().close()

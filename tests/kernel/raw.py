@@ -34,8 +34,8 @@ class RawWorker:
         self.base = int(ffi.cast("uintptr_t", self._pointer))
         self.xfer = Xfer(self.control, batch, self._pointer, buffer_bytes)
 
-    def get(self, wait: bool = False) -> list[Request]:
-        count = self.xfer.exchange(0, wait=wait)
+    def get(self, wait: bool = False, wait_ms: int | None = None) -> list[Request]:
+        count = self.xfer.exchange(0, wait=wait, wait_ms=wait_ms)
         return [self._request(i) for i in range(count)]
 
     def _request(self, i: int) -> Request:

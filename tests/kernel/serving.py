@@ -74,8 +74,10 @@ def stop_pool(serve: subprocess.Popen[str]) -> str:
 
 
 def pool_rss(serve: subprocess.Popen[str]) -> int:
+    """Private resident bytes of the pool: the memory disk's shared pages,
+    mapped by every worker, are not counted (the memfd's size says those)."""
     procs = [psutil.Process(serve.pid), *psutil.Process(serve.pid).children()]
-    return sum(p.memory_info().rss for p in procs)
+    return sum(p.memory_info().rss - p.memory_info().shared for p in procs)
 
 
 def write_files(root: Path, count: int, size: int) -> dict[str, str]:

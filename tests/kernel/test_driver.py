@@ -115,6 +115,27 @@ def test_get_nowait_blocking_and_poll(disks: Disks) -> None:
         raw.close()
 
 
+def test_get_timeout_returns_empty_or_the_request_that_came(disks: Disks) -> None:
+    config = disks.create(16 * MiB)
+    raw = RawWorker(config.index)
+    try:
+        # Nothing queued: the timed GET gives up and returns no request.
+        assert raw.get(wait=True, wait_ms=50) == []
+        assert raw.get(wait=True, wait_ms=0) == []
+
+        # A request that arrives during the wait ends it.
+        getter = Background(lambda: raw.get(wait=True, wait_ms=600_000))
+        writer = Background(lambda: direct_write(config.path, 0, pattern(3, 4096)))
+        requests = getter.join().result
+        assert len(requests) == 1 and requests[0].op == uapi.ABUSE_OP_WRITE
+        assert bytes(raw.data(requests[0])) == pattern(3, 4096)
+        assert raw.put([raw.answer(requests[0])]) == [0]
+        writer.join()
+        assert writer.error is None
+    finally:
+        raw.close()
+
+
 def test_closed_worker_requests_are_requeued(disks: Disks) -> None:
     config = disks.create(16 * MiB)
     holder = RawWorker(config.index)
@@ -233,8 +254,9 @@ def test_bad_ioctls_get_clean_errors(disks: Disks) -> None:
             ctl.attach(config.index)
         # GET argument checks.
         for field, value, want in [
-            ("flags", 2, errno.EINVAL),
-            ("__pad", 1, errno.EINVAL),
+            ("flags", uapi.ABUSE_XFER_ALL + 1, errno.EINVAL),
+            ("timeout_ms", 1, errno.EINVAL),  # without ABUSE_XFER_TIMEOUT
+            ("flags", uapi.ABUSE_XFER_NOWAIT | uapi.ABUSE_XFER_TIMEOUT, errno.EINVAL),
             ("nr_replies", 1, errno.EINVAL),
             ("max_requests", uapi.ABUSE_MAX_BATCH + 1, errno.E2BIG),
         ]:

@@ -1,0 +1,282 @@
+"""Run every benchmark target in turn, inside one guest boot.
+
+Each target is a block device set up, measured with the same fio jobs
+and torn down before the next one starts, so only one of them holds
+memory or CPU at a time.  Raw results (fio's own JSON plus the CPU time
+of the server processes) go to OUT/raw.json; ``bench.report`` turns
+them into tables and charts on the host.
+
+    python -m bench.guest --out DIR [--runtime S] [--size BYTES] [--only NAMES]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from abuse.control import Control
+from bench.jobs import JOBS, SCALE_QUEUE_DEPTHS, SCALE_WORKERS, Job, scale_job
+
+ROOT = Path(__file__).resolve().parents[1]
+TMPFS = Path("/tmp/bench-tmpfs")
+PYTHON = sys.executable
+
+
+@dataclass
+class Device:
+    """A block device under test and the user-space processes serving it."""
+
+    path: str
+    servers: list[psutil.Process]
+
+    def server_cpu(self) -> float:
+        """CPU seconds used so far by the servers and their children."""
+        total = 0.0
+        for proc in self.servers:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                for p in [proc, *proc.children(recursive=True)]:
+                    with contextlib.suppress(psutil.NoSuchProcess):
+                        times = p.cpu_times()
+                        total += times.user + times.system
+        return total
+
+
+def run(cmd: list[str], **kwargs: Any) -> str:
+    """Run ``cmd``; return its stdout; raise with its stderr on failure."""
+    done = subprocess.run(cmd, capture_output=True, text=True, **kwargs)
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)}: exit {done.returncode}: {done.stderr.strip()}")
+    return str(done.stdout)
+
+
+def wait_for(what: str, ready: Any, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not ready():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+@contextlib.contextmanager
+def served_abuse_disk(size: int, server: list[str], workers: int) -> Iterator[Device]:
+    """A fresh abuse disk (no request timeout) served by ``server DEV``."""
+    with Control() as control:
+        config = control.create(size, timeout_ms=0)
+        attached = Path(f"/sys/block/{config.name}/abuse/attached")
+        proc = subprocess.Popen([*server, config.path], cwd=ROOT, stdout=subprocess.DEVNULL)
+        try:
+            wait_for(f"{workers} workers on {config.path}", lambda: int(attached.read_text()) == workers)
+            yield Device(config.path, [psutil.Process(proc.pid)])
+        finally:
+            proc.terminate()
+            proc.wait(timeout=120)
+            control.destroy(config.index, force=True)
+
+
+def abuse_disk(size: int, backend: str, workers: int, batch: int) -> Any:
+    """An abuse disk served by ``workers`` processes of ``abusectl serve``."""
+    serve = [PYTHON, "-m", "abusectl", "serve", "--backend", backend]
+    serve += ["--workers", str(workers), "--batch", str(batch)]
+    return served_abuse_disk(size, serve, workers)
+
+
+def profiled_disk(size: int, out: Path) -> Any:
+    """An abuse disk served by one worker under cProfile (bench.profile_worker)."""
+    return served_abuse_disk(size, [PYTHON, "-m", "bench.profile_worker", str(out)], 1)
+
+
+@contextlib.contextmanager
+def loop_disk(size: int) -> Iterator[Device]:
+    """The in-kernel limit: loop over a tmpfs file (tmpfs has no O_DIRECT)."""
+    image = TMPFS / "loop.img"
+    run(["truncate", "-s", str(size), str(image)])
+    path = run(["losetup", "--find", "--show", "--direct-io=off", str(image)]).strip()
+    try:
+        yield Device(path, [])
+    finally:
+        run(["losetup", "--detach", path])
+        image.unlink()
+
+
+@contextlib.contextmanager
+def nbd_disk(plugin: list[str]) -> Iterator[Device]:
+    """nbd-client on /dev/nbd0, connected to nbdkit over a Unix socket."""
+    sock = TMPFS / "nbdkit.sock"
+    server = subprocess.Popen(["nbdkit", "--foreground", "--unix", str(sock), *plugin])
+    path = "/dev/nbd0"
+    try:
+        wait_for("nbdkit's socket", sock.exists)
+        run(["nbd-client", "-unix", str(sock), path, "-block-size", "4096"])
+        try:
+            size = Path("/sys/block/nbd0/size")
+            wait_for(f"{path} to have a size", lambda: size.read_text().strip() != "0")
+            yield Device(path, [psutil.Process(server.pid)])
+        finally:
+            run(["nbd-client", "-d", path])
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+        sock.unlink(missing_ok=True)
+
+
+def fio(device: Device, job: Job, runtime: int) -> dict[str, Any]:
+    """Run ``job`` on ``device``; fio's JSON, plus what the CPUs did."""
+    cmd = [
+        "fio",
+        "--name=" + job.name,
+        "--filename=" + device.path,
+        "--ioengine=io_uring",
+        "--direct=1",
+        "--time_based",
+        f"--runtime={runtime}",
+        f"--rw={job.rw}",
+        f"--bs={job.block_size}",
+        f"--iodepth={job.queue_depth}",
+        "--randrepeat=0",
+        "--norandommap",
+        "--output-format=json",
+    ]
+    server_before = device.server_cpu()
+    busy_before = _busy_cpu()
+    out = run(cmd)
+    return {
+        "fio": json.loads(out[out.index("{") :]),
+        "server_cpu_s": device.server_cpu() - server_before if device.servers else None,
+        "guest_busy_cpu_s": _busy_cpu() - busy_before,
+    }
+
+
+def prefill(device: Device) -> None:
+    """Write the whole device once, so that every job reads written data.
+
+    Reads of never-written ranges cost differently on each target (a
+    shared zero page, a fresh page, a sparse-array lookup): not the
+    thing measured.
+    """
+    run(
+        [
+            "fio",
+            "--name=prefill",
+            "--filename=" + device.path,
+            "--ioengine=io_uring",
+            "--direct=1",
+            "--rw=write",
+            "--bs=1M",
+            "--iodepth=4",
+            "--output-format=json",
+        ]
+    )
+
+
+def _busy_cpu() -> float:
+    times = psutil.cpu_times()
+    return float(sum(times) - times.idle - getattr(times, "iowait", 0.0))
+
+
+def targets(size: int, batch: int) -> dict[str, Any]:
+    """Every target of the main table, by name, as a context-manager factory."""
+    image = str(TMPFS / "abuse.img")
+    plugin = str(ROOT / "bench" / "nbdkit_memory.py")
+    return {
+        "abuse-mem-1w": lambda: abuse_disk(size, "memory", 1, batch),
+        "abuse-mem-2w": lambda: abuse_disk(size, "memory", 2, batch),
+        "abuse-file-1w": lambda: abuse_disk(size, "file:" + image, 1, batch),
+        "loop": lambda: loop_disk(size),
+        "nbdkit-c": lambda: nbd_disk(["memory", str(size)]),
+        "nbdkit-py": lambda: nbd_disk(["python", plugin, f"size={size}"]),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="bench.guest")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--runtime", type=int, default=10, help="seconds per fio job")
+    parser.add_argument("--size", type=int, default=1 << 30, help="bytes per device")
+    parser.add_argument("--batch", type=int, default=64, help="abuse requests per GET")
+    parser.add_argument("--only", default="", help="comma-separated targets (default: all)")
+    parser.add_argument("--no-scaling", action="store_true", help="skip the scaling runs")
+    parser.add_argument("--profile", action="store_true", help="only profile one worker, per job")
+    parser.add_argument("--no-prefill", action="store_true", help="do not write each device first")
+    args = parser.parse_args(argv)
+
+    TMPFS.mkdir(parents=True, exist_ok=True)
+    run(["mount", "-t", "tmpfs", "-o", "size=3g", "bench", str(TMPFS)])
+    result: dict[str, Any] = {
+        "kernel": platform.release(),
+        "cpus": os.cpu_count(),
+        "runtime_s": args.runtime,
+        "size": args.size,
+        "batch": args.batch,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "guest_loadavg_before": os.getloadavg(),
+        "runs": [],
+    }
+    chosen = [name for name in args.only.split(",") if name]
+    fill = not args.no_prefill
+    result["prefilled"] = fill
+    failed = 0
+    try:
+        if args.profile:
+            for job in JOBS:
+                out = args.out / f"profile-{job.name}.txt"
+                factory = lambda out=out: profiled_disk(args.size, out)  # noqa: E731
+                failed += _measure(result, "abuse-profiled", factory, [job], args.runtime, fill)
+            return 1 if failed else 0
+        for name, factory in targets(args.size, args.batch).items():
+            if chosen and name not in chosen:
+                continue
+            failed += _measure(result, name, factory, JOBS, args.runtime, fill)
+        if not args.no_scaling:
+            for workers in SCALE_WORKERS:
+                factory = lambda w=workers: abuse_disk(args.size, "memory", w, args.batch)  # noqa: E731
+                jobs = [scale_job(qd) for qd in SCALE_QUEUE_DEPTHS]
+                failed += _measure(result, f"scale-abuse-mem-{workers}w", factory, jobs, args.runtime, fill)
+            jobs = [scale_job(qd) for qd in SCALE_QUEUE_DEPTHS]
+            failed += _measure(result, "scale-loop", lambda: loop_disk(args.size), jobs, args.runtime, fill)
+    finally:
+        result["guest_loadavg_after"] = os.getloadavg()
+        (args.out / "raw.json").write_text(json.dumps(result, indent=1))
+        run(["umount", str(TMPFS)])
+    return 1 if failed else 0
+
+
+def _measure(
+    result: dict[str, Any], name: str, factory: Any, jobs: list[Job], runtime: int, fill: bool = True
+) -> int:
+    """Run ``jobs`` on a fresh device from ``factory``; 1 if it failed."""
+    print(f"bench: {name}", flush=True)
+    start = time.monotonic()
+    try:
+        with factory() as device:
+            if fill:
+                prefill(device)
+                print(f"bench:   prefilled  (t+{time.monotonic() - start:.0f} s)", flush=True)
+            for job in jobs:
+                measured = fio(device, job, runtime)
+                read = measured["fio"]["jobs"][0]["read"]
+                write = measured["fio"]["jobs"][0]["write"]
+                iops = read["iops"] + write["iops"]
+                elapsed = time.monotonic() - start
+                print(f"bench:   {job.name:18} {iops:10.0f} IOPS  (t+{elapsed:.0f} s)", flush=True)
+                result["runs"].append({"target": name, "job": job.name, **measured})
+    except Exception as err:  # one broken target must not lose the others
+        print(f"bench: {name} failed: {err}", flush=True)
+        result.setdefault("failures", {})[name] = str(err)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

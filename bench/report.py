@@ -1,0 +1,364 @@
+"""Turn the guest's raw.json into tables, a JSON summary and charts.
+
+    python -m bench.report RAW_DIR [--results bench/results] [--readme README.md]
+
+RAW_DIR holds raw.json (bench.guest) and, optionally, host-load-before
+and host-load-after (copies of the host's /proc/loadavg).  Writes
+RESULTS/<date>-<kernel>.md, .json, .png and -scaling.png, and, with
+--readme, replaces README's Benchmarks block with the new summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from bench.jobs import JOBS, SCALE_QUEUE_DEPTHS, SCALE_WORKERS
+
+__all__ = ["Row", "main", "markdown", "rows_from_raw", "summary", "targets_check"]
+
+LOOP = "loop"
+NBDKIT_C = "nbdkit-c"
+README_START = "<!-- bench:start -->"
+README_END = "<!-- bench:end -->"
+
+# (label, job names) of the summary table; ratios are of the mean.
+SUMMARY_COLUMNS = [
+    ("4k QD1 IOPS", ("randread-4k-qd1", "randwrite-4k-qd1")),
+    ("4k QD32 IOPS", ("randread-4k-qd32", "randwrite-4k-qd32")),
+    ("1M seq MB/s", ("seqread-1M-qd4", "seqwrite-1M-qd4")),
+]
+
+# The issue's targets for abuse: (label, job names, least ratio to loop).
+TARGETS = [
+    ("4k QD32 random read and write IOPS", ("randread-4k-qd32", "randwrite-4k-qd32"), 0.3),
+    ("1M sequential read and write MB/s", ("seqread-1M-qd4", "seqwrite-1M-qd4"), 0.5),
+    ("4k QD1 IOPS", ("randread-4k-qd1", "randwrite-4k-qd1"), 0.4),
+]
+
+
+@dataclass(frozen=True)
+class Row:
+    """One fio job on one target, reduced to what the tables show."""
+
+    target: str
+    job: str
+    iops: float
+    mbps: float  # MB/s, 10^6 bytes
+    p50_us: float | None
+    p99_us: float | None
+    server_cpu_us: float | None  # server processes' CPU per request
+    guest_cpu_us: float  # the whole guest's busy CPU per request
+
+    @property
+    def sequential(self) -> bool:
+        return not self.job.startswith("rand")
+
+    @property
+    def figure(self) -> float:
+        """What the job is judged by: MB/s when sequential, else IOPS."""
+        return self.mbps if self.sequential else self.iops
+
+
+def _row(run: dict[str, Any]) -> Row:
+    job = run["fio"]["jobs"][0]
+    sides = [job[side] for side in ("read", "write") if job[side]["total_ios"]]
+    ios = sum(side["total_ios"] for side in sides) or 1
+    iops = sum(side["iops"] for side in sides)
+    mbps = sum(side["bw_bytes"] for side in sides) / 1e6
+    p50 = p99 = None
+    if sides:
+        percentiles = sides[0]["clat_ns"].get("percentile", {})
+        if "50.000000" in percentiles:
+            p50 = percentiles["50.000000"] / 1e3
+            p99 = percentiles["99.000000"] / 1e3
+    server = run.get("server_cpu_s")
+    return Row(
+        target=run["target"],
+        job=run["job"],
+        iops=iops,
+        mbps=mbps,
+        p50_us=p50,
+        p99_us=p99,
+        server_cpu_us=None if server is None else server * 1e6 / ios,
+        guest_cpu_us=run["guest_busy_cpu_s"] * 1e6 / ios,
+    )
+
+
+def rows_from_raw(raw: dict[str, Any]) -> list[Row]:
+    """Every run of ``raw`` (bench.guest's output) as a Row."""
+    return [_row(run) for run in raw["runs"]]
+
+
+def _main_rows(rows: list[Row]) -> list[Row]:
+    return [row for row in rows if not row.target.startswith("scale-")]
+
+
+def _figure(rows: list[Row], target: str, jobs: tuple[str, ...]) -> float | None:
+    """Mean figure of ``jobs`` on ``target``, or None if any is missing."""
+    found = {row.job: row.figure for row in rows if row.target == target}
+    if any(job not in found for job in jobs):
+        return None
+    return sum(found[job] for job in jobs) / len(jobs)
+
+
+def _ratio(value: float | None, base: float | None) -> float | None:
+    if value is None or not base:
+        return None
+    return value / base
+
+
+def _fmt(value: float | None, digits: int = 0) -> str:
+    return "-" if value is None else f"{value:,.{digits}f}"
+
+
+def _x(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}x"
+
+
+def _targets(rows: list[Row]) -> list[str]:
+    seen: list[str] = []
+    for row in rows:
+        if row.target not in seen:
+            seen.append(row.target)
+    return seen
+
+
+def summary(rows: list[Row]) -> list[dict[str, Any]]:
+    """Per target: each summary column's figure and its ratios to loop and nbdkit-C."""
+    main = _main_rows(rows)
+    out = []
+    for target in _targets(main):
+        entry: dict[str, Any] = {"target": target}
+        for label, jobs in SUMMARY_COLUMNS:
+            value = _figure(main, target, jobs)
+            entry[label] = {
+                "value": value,
+                "vs_loop": _ratio(value, _figure(main, LOOP, jobs)),
+                "vs_nbdkit_c": _ratio(value, _figure(main, NBDKIT_C, jobs)),
+            }
+        out.append(entry)
+    return out
+
+
+def _worst_ratio(rows: list[Row], target: str, jobs: tuple[str, ...]) -> float | None:
+    """The lowest ratio to loop among ``jobs`` on ``target``."""
+    ratios = [_ratio(_figure(rows, target, (job,)), _figure(rows, LOOP, (job,))) for job in jobs]
+    return None if None in ratios else min(r for r in ratios if r is not None)
+
+
+def targets_check(rows: list[Row]) -> list[dict[str, Any]]:
+    """The issue's targets for abuse, on the best abuse memory target.
+
+    A target holds when every job it names (read and write) reaches it.
+    """
+    main = _main_rows(rows)
+    candidates = [t for t in _targets(main) if t.startswith("abuse-mem")]
+    checks = []
+    for label, jobs, least in TARGETS:
+        best = max(
+            ((t, _worst_ratio(main, t, jobs)) for t in candidates),
+            key=lambda pair: pair[1] or 0.0,
+            default=(None, None),
+        )
+        checks.append(
+            {
+                "target": label,
+                "least": least,
+                "best": best[0],
+                "ratio": best[1],
+                "holds": best[1] is not None and best[1] >= least,
+            }
+        )
+    return checks
+
+
+def scaling(rows: list[Row]) -> dict[str, dict[int, float]]:
+    """IOPS by queue depth for each scaling series (workers, and loop)."""
+    series: dict[str, dict[int, float]] = {}
+    for row in rows:
+        if row.target.startswith("scale-"):
+            depth = int(row.job.rsplit("qd", 1)[1])
+            series.setdefault(row.target.removeprefix("scale-"), {})[depth] = row.iops
+    return series
+
+
+def _load(meta: dict[str, Any]) -> str:
+    before = meta.get("host_load_before") or "?"
+    after = meta.get("host_load_after") or "?"
+    return f"host loadavg before `{before}`, after `{after}`"
+
+
+def markdown(raw: dict[str, Any], rows: list[Row], images: tuple[str, str] | None = None) -> str:
+    """The full report: summary, targets, details, scaling."""
+    lines = [
+        f"# abuse benchmark, kernel {raw['kernel']}, {raw['date']}",
+        "",
+        f"fio io_uring, direct=1, {raw['runtime_s']} s per job, {raw['size'] >> 20} MiB devices, "
+        f"{raw['cpus']} vCPUs (QEMU TCG); abuse batch {raw['batch']}; {_load(raw)}.",
+        ("Each device was written whole before its jobs. " if raw.get("prefilled") else "")
+        + "Ratios compare targets inside this one boot only.",
+        "",
+    ]
+    lines += _summary_table(rows)
+    lines += ["", "## Targets (best abuse memory target; the worse of read and write vs loop)", ""]
+    lines += ["| target | least | best | ratio | holds |", "|---|---|---|---|---|"]
+    for check in targets_check(rows):
+        lines.append(
+            f"| {check['target']} | {check['least']}x | {check['best'] or '-'} | "
+            f"{_x(check['ratio'])} | {'yes' if check['holds'] else 'no'} |"
+        )
+    if images:
+        lines += ["", f"![ratio to loop]({images[0]})"]
+    lines += ["", "## Every job", ""]
+    lines += [
+        "| target | job | IOPS | MB/s | p50 us | p99 us | server CPU us/req | guest CPU us/req"
+        " | vs loop | vs nbdkit-C |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    main = _main_rows(rows)
+    for row in main:
+        base_loop = _figure(main, LOOP, (row.job,))
+        base_nbd = _figure(main, NBDKIT_C, (row.job,))
+        lines.append(
+            f"| {row.target} | {row.job} | {_fmt(row.iops)} | {_fmt(row.mbps, 1)} | "
+            f"{_fmt(row.p50_us)} | {_fmt(row.p99_us)} | {_fmt(row.server_cpu_us)} | "
+            f"{_fmt(row.guest_cpu_us)} | {_x(_ratio(row.figure, base_loop))} | "
+            f"{_x(_ratio(row.figure, base_nbd))} |"
+        )
+    series = scaling(rows)
+    if series:
+        lines += ["", "## Scaling: 4k random read IOPS by queue depth", ""]
+        lines += ["| series | " + " | ".join(f"QD{qd}" for qd in SCALE_QUEUE_DEPTHS) + " |"]
+        lines += ["|---|" + "---|" * len(SCALE_QUEUE_DEPTHS)]
+        for name, by_depth in series.items():
+            cells = " | ".join(_fmt(by_depth.get(qd)) for qd in SCALE_QUEUE_DEPTHS)
+            lines.append(f"| {name} | {cells} |")
+        if images:
+            lines += ["", f"![scaling]({images[1]})"]
+    if raw.get("failures"):
+        lines += ["", "## Failed targets", ""]
+        lines += [f"- {name}: {why}" for name, why in raw["failures"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def _summary_table(rows: list[Row]) -> list[str]:
+    head = (
+        "| target | " + " | ".join(f"{label} | vs loop | vs nbdkit-C" for label, _ in SUMMARY_COLUMNS) + " |"
+    )
+    lines = [head, "|---|" + "---|---|---|" * len(SUMMARY_COLUMNS)]
+    for entry in summary(rows):
+        cells = []
+        for label, _ in SUMMARY_COLUMNS:
+            cell = entry[label]
+            cells.append(f"{_fmt(cell['value'])} | {_x(cell['vs_loop'])} | {_x(cell['vs_nbdkit_c'])}")
+        lines.append(f"| {entry['target']} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def charts(rows: list[Row], bars: Path, lines: Path) -> None:
+    """Bar chart of every job's ratio to loop; line chart of the scaling runs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    main = _main_rows(rows)
+    names = [t for t in _targets(main) if t != LOOP]
+    jobs = [job.name for job in JOBS]
+    fig, ax = plt.subplots(figsize=(11, 4.5))
+    width = 0.8 / max(len(names), 1)
+    for i, target in enumerate(names):
+        ratios = [_ratio(_figure(main, target, (job,)), _figure(main, LOOP, (job,))) or 0.0 for job in jobs]
+        ax.bar([j + i * width for j in range(len(jobs))], ratios, width, label=target)
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_xticks([j + width * (len(names) - 1) / 2 for j in range(len(jobs))], jobs, fontsize=8)
+    ax.set_ylabel("ratio to loop over tmpfs (higher is better)")
+    ax.set_title("abuse and its peers, relative to loop, same boot")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(bars, dpi=100)
+    plt.close(fig)
+
+    series = scaling(rows)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, by_depth in series.items():
+        depths = sorted(by_depth)
+        ax.plot(depths, [by_depth[d] for d in depths], marker="o", label=name)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(list(SCALE_QUEUE_DEPTHS), [str(d) for d in SCALE_QUEUE_DEPTHS])
+    ax.set_xlabel("queue depth")
+    ax.set_ylabel("4k random read IOPS")
+    ax.set_title(f"abuse memory backend: workers {', '.join(map(str, SCALE_WORKERS))}")
+    if series:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(lines, dpi=100)
+    plt.close(fig)
+
+
+def replace_readme_block(readme: str, block: str) -> str:
+    """``readme`` with the text between the bench markers set to ``block``."""
+    pattern = re.compile(re.escape(README_START) + ".*?" + re.escape(README_END), re.S)
+    if not pattern.search(readme):
+        raise ValueError(f"README has no {README_START} ... {README_END} block")
+    return pattern.sub(lambda _: f"{README_START}\n{block}{README_END}", readme)
+
+
+def readme_block(raw: dict[str, Any], rows: list[Row], stem: str) -> str:
+    lines = [
+        f"Kernel {raw['kernel']}, {raw['date']}, {raw['runtime_s']} s per job, {_load(raw)}; "
+        f"full report: [bench/results/{stem}.md](bench/results/{stem}.md).",
+        "",
+    ]
+    lines += _summary_table(rows)
+    lines += [
+        "",
+        f"![ratio to loop](bench/results/{stem}.png)",
+        f"![scaling](bench/results/{stem}-scaling.png)",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="bench.report")
+    parser.add_argument("raw_dir", type=Path)
+    parser.add_argument("--results", type=Path, default=Path("bench/results"))
+    parser.add_argument("--readme", type=Path, help="README to update")
+    args = parser.parse_args(argv)
+
+    raw = json.loads((args.raw_dir / "raw.json").read_text())
+    for when in ("before", "after"):
+        path = args.raw_dir / f"host-load-{when}"
+        if path.exists():
+            raw[f"host_load_{when}"] = " ".join(path.read_text().split()[:3])
+    rows = rows_from_raw(raw)
+    stem = f"{raw['date'][:16].replace(' ', '-').replace(':', '')}-{raw['kernel']}"
+    args.results.mkdir(parents=True, exist_ok=True)
+    charts(rows, args.results / f"{stem}.png", args.results / f"{stem}-scaling.png")
+    report = markdown(raw, rows, (f"{stem}.png", f"{stem}-scaling.png"))
+    (args.results / f"{stem}.md").write_text(report)
+    meta = {key: value for key, value in raw.items() if key != "runs"}
+    document = {
+        **meta,
+        "summary": summary(rows),
+        "targets": targets_check(rows),
+        "scaling": scaling(rows),
+        "runs": [asdict(row) for row in rows],
+    }
+    (args.results / f"{stem}.json").write_text(json.dumps(document, indent=1) + "\n")
+    if args.readme:
+        args.readme.write_text(replace_readme_block(args.readme.read_text(), readme_block(raw, rows, stem)))
+    sys.stdout.write(report)
+    print(f"bench: wrote {args.results}/{stem}.md, .json, .png, -scaling.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
