@@ -49,7 +49,8 @@ def start_pool(dev: str, backend: str, workers: int) -> subprocess.Popen[str]:
         text=True,
         start_new_session=True,
     )
-    wait_for(lambda: len(worker_pids(serve)) == workers or serve.poll() is not None)
+    # Python starts slowly under TCG, and slower still on a busy host.
+    wait_for(lambda: len(worker_pids(serve)) == workers or serve.poll() is not None, timeout=180)
     assert serve.poll() is None, serve.communicate()[0]
     return serve
 
