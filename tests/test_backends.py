@@ -19,6 +19,7 @@ from typing import NamedTuple
 import pytest
 
 from abuse.backends import Backend, FileBackend, check_spec, open_backend
+from abuse.backends.memory import MemoryBackend
 
 K, M, G = 1 << 10, 1 << 20, 1 << 30
 SIZE = 4 * M
@@ -116,6 +117,17 @@ def test_memory_backend_offers_reads_by_address() -> None:
     with open_backend("memory", SIZE) as backend:
         assert backend.mapped_address(SIZE - 4096, 4096) != 0
         assert backend.mapped_address(SIZE - 4096, 8192) == 0  # past the end
+
+
+def test_memory_subclass_that_overrides_read_is_read_by_call() -> None:
+    """A subclass's read() may refuse a range: the worker must call it."""
+
+    class Picky(MemoryBackend):
+        def read(self, offset: int, buf: memoryview) -> None:
+            raise OSError(errno.EIO, "bad range")
+
+    with Picky(SIZE) as backend:
+        assert backend.mapped_address(0, 4096) == 0
 
 
 def write(backend: Backend, buffer: memoryview, offset: int, data: bytes) -> None:
