@@ -37,12 +37,13 @@ class MemoryBackend(FdBackend):
         self._disk = memoryview(self._map)
         self._pointer = _ffi.from_buffer(self._map)
         self._address = int(_ffi.cast("uintptr_t", self._pointer))
+        # A subclass that overrides read() (to fail some ranges, say) must
+        # see every read: only plain memory disks are read by address.
+        self._by_address = type(self).read is MemoryBackend.read
         super().__init__(fd, size)
 
     def mapped_address(self, offset: int, length: int) -> int:
-        # A subclass that overrides read() (to fail some ranges, say) must
-        # see every read: only plain memory disks are read by address.
-        if offset + length > self.size or type(self).read is not MemoryBackend.read:
+        if not self._by_address or offset + length > self.size:
             return 0
         return self._address + offset
 
