@@ -11,7 +11,6 @@ import faulthandler
 import json
 import os
 import random
-import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -37,9 +36,17 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 def _hung() -> None:
-    print(f"\nfault suite: a case hung for {HANG_SECONDS} s; stacks follow", file=sys.stderr, flush=True)
+    # pytest holds fd 2 and os._exit() drops what it captured, so the
+    # report goes to the console and to a file in the output folder.
     Path("/proc/sysrq-trigger").write_text("w\n")  # blocked tasks' kernel stacks, to dmesg
-    faulthandler.dump_traceback(all_threads=True)
+    files = [open("/dev/console", "w")]
+    out = os.environ.get("ABUSE_OUT")
+    if out:
+        files.append(open(Path(out, "hang-stacks.txt"), "w"))
+    for f in files:
+        print(f"\nfault suite: a case hung for {HANG_SECONDS} s; stacks follow", file=f, flush=True)
+        faulthandler.dump_traceback(file=f, all_threads=True)
+        f.flush()
     os._exit(3)
 
 

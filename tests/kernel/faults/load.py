@@ -59,6 +59,7 @@ class FioLoad:
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
+            start_new_session=True,  # fio forks its job: kill() takes the whole group
         )
         self.jobs += 1
 
@@ -76,7 +77,10 @@ class FioLoad:
 
     def kill(self) -> None:
         if self.proc is not None:
-            self.proc.kill()
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
             self.proc.communicate()
             self.proc = None
 

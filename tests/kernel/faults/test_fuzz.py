@@ -13,6 +13,7 @@ import random
 import select
 import threading
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import astuple
 from functools import partial
@@ -96,16 +97,22 @@ def test_fuzz_ioctls_under_load(rng: random.Random) -> None:
             spare_counters = control.info(spare.index).counters
             assert spare_counters["completed"] == spare_counters["queued"] == 0
             assert worker.stop() == 0, "the real worker failed"
+        except BaseException:
+            # Written before the clean-up below, which could itself hang.
+            _progress(traceback.format_exc())
+            raise
         finally:
             if fuzzer is not None:
                 tally.add("fuzz calls", fuzzer.calls)
                 tally.add("resets", fuzzer.resets)
+            # Fail whatever is still queued first: fio cannot exit while
+            # its I/O waits for a worker that is stopped or gone.
+            for index in (config.index, spare.index):
+                control.destroy(index, force=True)
             if load is not None:
                 load.kill()
             if worker.alive():
                 worker.stop()
-            for index in (config.index, spare.index):
-                control.destroy(index, force=True)
 
         # And a disk made afterwards works as any other.
         fresh = control.create(64 * MiB)
