@@ -1117,6 +1117,13 @@ static int abuse_ctl_xfer(struct file *file, struct abuse_xfer *x, bool put)
 	    !abuse_reserved_zero(x->__reserved, ARRAY_SIZE(x->__reserved)) ||
 	    (!put && x->nr_replies))
 		return -EINVAL;
+	/*
+	 * Payload addresses are buffer + offset: a buffer whose end does
+	 * not fit in 64 bits would wrap them around to memory the caller
+	 * never named.
+	 */
+	if (x->max_requests && x->buffer_size > U64_MAX - x->buffer)
+		return -EINVAL;
 	if (x->nr_replies > ABUSE_MAX_BATCH ||
 	    x->max_requests > ABUSE_MAX_BATCH)
 		return -E2BIG;

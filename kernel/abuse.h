@@ -172,7 +172,8 @@ struct abuse_reply {
  * in which case it returns 0 with @nr_requests 0, or ABUSE_XFER_TIMEOUT,
  * in which case it returns so after @timeout_ms without a request.  One
  * blocked GET is woken per queued request.  A request larger than
- * @buffer_size is never handed out: -ENOBUFS.
+ * @buffer_size is never handed out: -ENOBUFS.  A buffer whose end,
+ * @buffer + @buffer_size, does not fit in 64 bits is refused: -EINVAL.
  */
 struct abuse_xfer {
 	__u64 replies;			/* in: user address of abuse_reply[] */

@@ -263,6 +263,15 @@ def test_bad_ioctls_get_clean_errors(disks: Disks) -> None:
             xfer = ffi.new("struct abuse_xfer *", {"flags": uapi.ABUSE_XFER_NOWAIT})
             setattr(xfer, field, value)
             expect_errno(raw_errno(fd, uapi.ABUSE_IOC_GET, xfer), want)
+        # A buffer that wraps past 2^64 would place payloads at low
+        # addresses the caller never named (the fuzzer found this).
+        top = {"buffer": 2**64 - 4096, "buffer_size": 2**64 - 1, "max_requests": 1}
+        xfer = ffi.new("struct abuse_xfer *", {"flags": uapi.ABUSE_XFER_NOWAIT, **top})
+        expect_errno(raw_errno(fd, uapi.ABUSE_IOC_GET, xfer), errno.EINVAL)
+        xfer.buffer_size = 4096  # its end, 2^64, does not fit in 64 bits either
+        expect_errno(raw_errno(fd, uapi.ABUSE_IOC_GET, xfer), errno.EINVAL)
+        xfer.buffer_size = 4095
+        expect_errno(raw_errno(fd, uapi.ABUSE_IOC_GET, xfer), 0)
         with pytest.raises(InvalidRequest):
             ctl.resize(config.index, 12345)
         # SET_INFO may change only size and read-only.

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 from abuse import uapi
 from abuse.control import CONTROL_PATH, Control
-from tests.kernel.faults.hostile import PAGE, Arena, ioctl, place, pointer
+from tests.kernel.faults.hostile import LOW_LIMIT, PAGE, Arena, ioctl, place, pointer
 
 CONFIG = struct.Struct("<IIQQIIII4Q")
 TARGET = struct.Struct("<II2Q")
@@ -116,7 +116,10 @@ class Fuzzer:
         self.args = Arena(4)
         self.replies = Arena(MAX_BATCH * REPLY.size // PAGE + 1)
         self.requests = Arena(MAX_BATCH * REQUEST.size // PAGE + 1)
-        self.data = Arena(1024)  # 4 MiB: room for several 1 MiB requests
+        # 4 MiB: room for several 1 MiB requests.  Its tail covers the
+        # most one GET can hand out (queue depth x request size) past it.
+        reach = max(d.queue_depth * CONFIG.unpack(d.config)[5] for d in (busy, spare))
+        self.data = Arena(1024, tail=reach)
         self.calls = 0
         self.created = 0
         self.resets = 0
@@ -496,6 +499,10 @@ class Fuzzer:
             return arena.guard - size, size, True
         size = rng.choice((0, PAGE, 1 << 20, arena.size + PAGE, 1 << 40, U64, rng.randrange(U64 + 1)))
         ptr = pointer(rng, arena, max(1, min(size, arena.size)))
+        if ptr.kind in ("null", "low"):
+            # Below mmap_min_addr nothing is ever mapped; past it, a
+            # payload could land in the process's own memory.
+            size = min(size, LOW_LIMIT - ptr.address)
         if ptr.kind in ("aligned", "odd", "at_guard"):
             return ptr.address, size, ptr.address + size <= arena.guard
         return ptr.address, size, size == 0
@@ -594,6 +601,8 @@ class Fuzzer:
         if not aptr.readable:
             exact = errno.EFAULT
         elif flags & ~NOWAIT or pad or any(reserved) or (not put and nr_replies):
+            exact = errno.EINVAL
+        elif max_requests and buf + buf_size >= 1 << 64:  # its end does not fit in 64 bits
             exact = errno.EINVAL
         elif nr_replies > MAX_BATCH or max_requests > MAX_BATCH:
             exact = errno.E2BIG

@@ -18,6 +18,9 @@ from dataclasses import dataclass
 from abuse import uapi
 
 PAGE = mmap.PAGESIZE
+# Nothing can be mapped below vm.mmap_min_addr: "low" pointers stay under it.
+with open("/proc/sys/vm/mmap_min_addr") as _f:
+    LOW_LIMIT = max(int(_f.read()), PAGE)
 PROT_NONE = 0  # not in the mmap module
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.mprotect.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
@@ -49,18 +52,29 @@ class Pointer:
 
 
 class Arena:
-    """``pages`` read-write pages, a guard, a read-only page, a guard."""
+    """``pages`` read-write pages, a guard, a read-only page, a guard.
 
-    def __init__(self, pages: int = 64) -> None:
+    The last guard is ``tail`` bytes long (at least a page).  A GET's
+    data buffer may be longer than the arena, and the driver places a
+    write's payload wherever the buffer says; reads, which copy nothing
+    at GET, move that place on without faulting.  A tail as long as the
+    most a GET can hand out keeps every such payload inside this mapping,
+    where it faults, and out of whatever the process has mapped next
+    (the other arenas, Python's heap).
+    """
+
+    def __init__(self, pages: int = 64, tail: int = PAGE) -> None:
         self.pages = pages
-        self.map = mmap.mmap(-1, (pages + 3) * PAGE)
+        tail = max(PAGE, -(-tail // PAGE) * PAGE)
+        self.map = mmap.mmap(-1, (pages + 2) * PAGE + tail)
         self._cdata = _ffi.from_buffer(self.map)
         self.base = int(_ffi.cast("uintptr_t", self._cdata))
         self.guard = self.base + pages * PAGE
         self.readonly = self.guard + PAGE
         _protect(self.guard, PAGE, PROT_NONE)
         _protect(self.readonly, PAGE, mmap.PROT_READ)
-        _protect(self.readonly + PAGE, PAGE, PROT_NONE)
+        _protect(self.readonly + PAGE, tail, PROT_NONE)
+        self.tail = tail
 
     @property
     def size(self) -> int:
@@ -87,7 +101,7 @@ class Arena:
         return self.readonly
 
     def close(self) -> None:
-        _protect(self.guard, 3 * PAGE, mmap.PROT_READ | mmap.PROT_WRITE)
+        _protect(self.guard, 2 * PAGE + self.tail, mmap.PROT_READ | mmap.PROT_WRITE)
         _ffi.release(self._cdata)
         self.map.close()
 
@@ -136,7 +150,7 @@ def pointer_of_kind(rng: random.Random, arena: Arena, size: int, kind: str) -> P
     if kind == "null":
         return Pointer(0, False, False, kind)
     if kind == "low":
-        return Pointer(rng.randrange(1, 1 << 16), False, False, kind)
+        return Pointer(rng.randrange(1, LOW_LIMIT), False, False, kind)
     if kind == "kernel":
         return Pointer(0xFFFF888000000000 + rng.randrange(0, 1 << 40), False, False, kind)
     if kind == "noncanonical":
