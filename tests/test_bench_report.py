@@ -83,18 +83,26 @@ def test_ratios_to_loop_and_nbdkit() -> None:
 
 def test_targets_judge_the_best_abuse_memory_target() -> None:
     rows = report.rows_from_raw(raw_result({"abuse-mem-1w": 0.35, "abuse-mem-2w": 0.45, "loop": 1.0}))
-    checks = {check["target"]: check for check in report.targets_check(rows)}
+    checks = {check["target"]: check for check in report.targets_check(rows, "6.1.0-56-amd64")}
     qd32 = checks["4k QD32 random read and write IOPS"]
-    assert (qd32["best"], qd32["holds"]) == ("abuse-mem-2w", True)
+    assert (qd32["best"], qd32["holds"], qd32["least"]) == ("abuse-mem-2w", True, 0.3)
     assert qd32["ratio"] == pytest.approx(0.45)
     assert not checks["1M sequential read and write MB/s"]["holds"]  # 0.45 < 0.5
     assert checks["4k QD1 IOPS"]["holds"]
 
 
+def test_on_6_12_qd32_must_be_level_with_ublk() -> None:
+    rows = report.rows_from_raw(raw_result({"abuse-mem-1w": 0.45, "loop": 1.0}))
+    checks = {check["target"]: check for check in report.targets_check(rows, "6.12.107+deb13-amd64")}
+    qd32 = checks["4k QD32 random read and write IOPS"]
+    assert (qd32["least"], qd32["holds"]) == (0.6, False)
+    assert checks["4k QD1 IOPS"]["least"] == 0.4
+
+
 def test_missing_loop_gives_no_ratio() -> None:
     rows = report.rows_from_raw(raw_result({"abuse-mem-1w": 1.0}))
     assert report.summary(rows)[0]["4k QD1 IOPS"]["vs_loop"] is None
-    assert not any(check["holds"] for check in report.targets_check(rows))
+    assert not any(check["holds"] for check in report.targets_check(rows, "6.1.0-56-amd64"))
 
 
 def test_markdown_has_every_target_and_the_scaling_table() -> None:
@@ -114,7 +122,9 @@ def test_main_writes_markdown_json_charts_and_readme(tmp_path: Path) -> None:
     (raw_dir / "raw.json").write_text(json.dumps(raw_result({"abuse-mem-1w": 0.5, "loop": 1.0})))
     (raw_dir / "host-load-before").write_text("0.01 0.02 0.03 1/100 42\n")
     readme = tmp_path / "README.md"
-    readme.write_text(f"intro\n{report.README_START}\nold\n{report.README_END}\nrest\n")
+    start, end = (marker.format(series="6.1") for marker in (report.README_START, report.README_END))
+    other = "<!-- bench:start 6.12 -->\nkept\n<!-- bench:end 6.12 -->\n"
+    readme.write_text(f"intro\n{start}\nold\n{end}\n{other}rest\n")
     results = tmp_path / "results"
     assert report.main([str(raw_dir), "--results", str(results), "--readme", str(readme)]) == 0
 
@@ -127,9 +137,10 @@ def test_main_writes_markdown_json_charts_and_readme(tmp_path: Path) -> None:
         assert (results / f"{stem}{suffix}").read_bytes().startswith(b"\x89PNG")
     text = readme.read_text()
     assert "old" not in text and text.startswith("intro\n") and text.endswith("rest\n")
+    assert "kept" in text  # the 6.12 block is another kernel's: left alone
     assert f"bench/results/{stem}.png" in text
 
 
 def test_readme_without_markers_is_refused() -> None:
     with pytest.raises(ValueError, match="bench:start"):
-        report.replace_readme_block("no block here", "x")
+        report.replace_readme_block("no block here", "x", "6.1")
