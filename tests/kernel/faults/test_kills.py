@@ -35,22 +35,33 @@ BLOCK = 4096
 # The pool backs off from a worker that dies within a second of its start
 # (abuse.pool.Pool.quick_death) and gives up on a crash loop; a storm
 # that only kills workers older than that is what a real crash looks like.
+# Ages are counted from when the test first saw the worker, on the
+# monotonic clock: psutil's create_time() rests on the boot time in whole
+# seconds and was off by up to a second, so the storm once killed workers
+# the pool saw die at 0.7 s, and the pool gave up.
 OLD_ENOUGH = 1.2
 
 
 def test_kill_storm_under_fio_verify(rng: random.Random) -> None:
     workers = 8
     killed: set[int] = set()
+    seen: dict[int, float] = {}
     with served_disk("256M", "memory", workers, "--timeout", "5") as (dev, serve):
         job = start_fio_verify(dev, 90, size="128M", bs="4k", iodepth=32, extra=("--bsrange=4k-128k",))
         while job.poll() is None:
             time.sleep(rng.uniform(0.0, 0.1))
-            victims = _old_workers(serve.pid, killed)
+            victims = _old_workers(serve.pid, killed, seen)
             if victims:
                 victim = rng.choice(victims)
                 victim.send_signal(signal.SIGKILL)
                 killed.add(victim.pid)
-        finish_fio(job)
+        try:
+            finish_fio(job)
+        except AssertionError as failed:
+            status = abusectl("status", dev, "--json")
+            raise AssertionError(
+                f"{failed}\nafter {len(killed)} kills; disk: {status}\npool: {stop_pool(serve)}"
+            ) from None
         wait_for(lambda: len(worker_pids(serve)) == workers)
         status = json.loads(abusectl("status", dev, "--json"))[0]
         assert status["errors"] == 0, status
@@ -63,16 +74,16 @@ def test_kill_storm_under_fio_verify(rng: random.Random) -> None:
     tally.add("kills survived", len(killed))
 
 
-def _old_workers(pool: int, killed: set[int]) -> list[psutil.Process]:
-    """Live workers of ``pool`` old enough that their death looks like a crash."""
-    now = time.time()
+def _old_workers(pool: int, killed: set[int], seen: dict[int, float]) -> list[psutil.Process]:
+    """Live workers of ``pool`` old enough that their death looks like a crash.
+
+    ``seen`` keeps when each worker was first seen: it is at least that old.
+    """
+    now = time.monotonic()
     old = []
     for child in _children(pool):
-        try:
-            if child.pid not in killed and now - child.create_time() > OLD_ENOUGH:
-                old.append(child)
-        except psutil.NoSuchProcess:
-            pass
+        if child.pid not in killed and now - seen.setdefault(child.pid, now) > OLD_ENOUGH:
+            old.append(child)
     return sorted(old, key=lambda p: p.pid)
 
 
