@@ -207,9 +207,19 @@ class Xfer:
         self.arg = ffi.new("struct abuse_xfer *")
         self.arg.requests = int(ffi.cast("uintptr_t", self.requests))
         self.arg.replies = int(ffi.cast("uintptr_t", self.replies))
-        self.arg.buffer = int(ffi.cast("uintptr_t", buffer))
-        self.arg.buffer_size = buffer_size
         self.arg.max_requests = batch
+        self._mapped = 0
+        self.use_buffer(int(ffi.cast("uintptr_t", buffer)), buffer_size)
+
+    def use_buffer(self, address: int, size: int, mapped: bool = False) -> None:
+        """Take payloads in ``size`` bytes at ``address`` from the next call on.
+
+        ``mapped``: the buffer is the whole disk, mapped, and each
+        request's data sits at its own offset (ABUSE_XFER_MAPPED).
+        """
+        self.arg.buffer = address
+        self.arg.buffer_size = size
+        self._mapped = uapi.ABUSE_XFER_MAPPED if mapped else 0
 
     def exchange(self, nr_replies: int, wait: bool, fetch: bool = True, wait_ms: int | None = None) -> int:
         """PUT ``nr_replies`` replies, GET a batch; returns requests got.
@@ -223,13 +233,13 @@ class Xfer:
         arg.nr_replies = nr_replies
         arg.max_requests = self.batch if fetch else 0
         if not wait:
-            arg.flags = uapi.ABUSE_XFER_NOWAIT
+            arg.flags = uapi.ABUSE_XFER_NOWAIT | self._mapped
             arg.timeout_ms = 0
         elif wait_ms is None:
-            arg.flags = 0
+            arg.flags = self._mapped
             arg.timeout_ms = 0
         else:
-            arg.flags = uapi.ABUSE_XFER_TIMEOUT
+            arg.flags = uapi.ABUSE_XFER_TIMEOUT | self._mapped
             arg.timeout_ms = wait_ms
         if uapi.lib.ioctl(self._fd, self._put, arg) < 0:
             err = uapi.ffi.errno

@@ -12,8 +12,11 @@ read with one ``struct.iter_unpack`` over the request array and each
 reply is written with ``struct.pack_into``, in layouts derived from the
 header by :func:`abuse.uapi.struct_format`.  Data is served through
 memoryviews into the buffer, so the only copies are the kernel's own and
-the backend's; a backend that keeps the disk mapped (``memory``) answers
-reads with the mapping's address, and the kernel copies from there.
+the backend's.  A backend that keeps the whole disk mapped (``memory``)
+is served in place instead (ABUSE_XFER_MAPPED): the kernel copies each
+write into the mapping at GET and each read out of it at PUT, and the
+worker only answers; if the disk outgrows the mapping, it goes back to
+the buffer.
 """
 
 from __future__ import annotations
@@ -74,6 +77,11 @@ class Worker:
         self._xfer = Xfer(control, batch, self._pointer, size)
         self._requests = memoryview(uapi.ffi.buffer(self._xfer.requests))
         self._replies = memoryview(uapi.ffi.buffer(self._xfer.replies))
+        mapping = backend.mapping()
+        self.in_place = mapping is not None and mapping[1] >= config.size
+        if self.in_place:
+            assert mapping is not None
+            self._xfer.use_buffer(*mapping, mapped=True)
 
     def serve(self, should_stop: Callable[[], bool] = lambda: False, idle_ms: int = 200) -> None:
         """Serve until ``should_stop()`` is true, then answer what is held.
@@ -91,6 +99,12 @@ class Worker:
             except OSError as err:
                 if err.errno == errno.EINTR:
                     continue
+                if err.errno == errno.EINVAL and self.in_place:
+                    # The disk outgrew the mapping.  Nothing of this call
+                    # was done: the same replies go again, by copy.
+                    log.info("disk larger than the backend's mapping: serving by copy")
+                    self._serve_by_copy()
+                    continue
                 if err.errno == errno.ENODEV:
                     log.info("disk destroyed, worker exits")
                     return
@@ -98,12 +112,58 @@ class Worker:
             self.served += xfer.arg.nr_accepted
             if stopping:
                 return
-            answered = self._run_batch(got) if got else 0
+            if not got:
+                answered = 0
+            elif self.in_place:
+                answered = self._run_batch_in_place(got)
+            else:
+                answered = self._run_batch(got)
+
+    def _serve_by_copy(self) -> None:
+        self.in_place = False
+        self._xfer.use_buffer(self._base, len(self._mmap))
+
+    def _run_batch_in_place(self, count: int) -> int:
+        """Like :meth:`_run_batch`, with the data already where it belongs.
+
+        The kernel stored each write at GET and reads each answer from the
+        descriptor's own address, so only FUA, flush, discard and write
+        zeroes call the backend.
+        """
+        replies = self._replies
+        pack_reply = _REPLY.pack_into
+        at = 0
+        for handle, offset, data, length, op, flags in _REQUEST.iter_unpack(
+            self._requests[: count * _REQUEST.size]
+        ):
+            result = 0
+            if op > _WRITE or (op == _WRITE and flags & _FUA):
+                result = self._call_backend(op, offset, length)
+            pack_reply(replies, at, handle, data, length, result, 0, 0)
+            at += _REPLY.size
+        return count
+
+    def _call_backend(self, op: int, offset: int, length: int) -> int:
+        """FLUSH, DISCARD, WRITE_ZEROES, or the flush of a FUA write; 0 or -errno."""
+        backend = self.backend
+        try:
+            if op in (_FLUSH, _WRITE):
+                backend.flush()
+            elif op == _DISCARD:
+                backend.discard(offset, length)
+            elif op == _WRITE_ZEROES:
+                backend.write_zeroes(offset, length)
+            else:
+                return -errno.EOPNOTSUPP
+        except Exception as err:
+            return _failure(err, op, offset, length)
+        return 0
 
     def _run_batch(self, count: int) -> int:
         """Run the first ``count`` requests and fill their replies."""
         backend = self.backend
         mapped_address = backend.mapped_address
+        call_backend = self._call_backend
         view = self._view
         base = self._base
         replies = self._replies
@@ -113,30 +173,22 @@ class Worker:
             self._requests[: count * _REQUEST.size]
         ):
             result = 0
-            try:
-                if op == _READ:
-                    address = mapped_address(offset, length)
-                    if address:
-                        data = address  # the kernel copies from the backend itself
+            if op > _WRITE:
+                result = call_backend(op, offset, length)
+            else:
+                try:
+                    if op == _READ:
+                        address = mapped_address(offset, length)
+                        if address:
+                            data = address  # the kernel copies from the backend itself
+                        else:
+                            backend.read(offset, view[data - base : data - base + length])
                     else:
-                        backend.read(offset, view[data - base : data - base + length])
-                elif op == _WRITE:
-                    backend.write(offset, view[data - base : data - base + length])
-                    if flags & _FUA:
-                        backend.flush()
-                elif op == _FLUSH:
-                    backend.flush()
-                elif op == _DISCARD:
-                    backend.discard(offset, length)
-                elif op == _WRITE_ZEROES:
-                    backend.write_zeroes(offset, length)
-                else:
-                    result = -errno.EOPNOTSUPP
-            except OSError as err:
-                result = -(err.errno or errno.EIO)
-            except Exception:
-                log.exception("backend failed on op %d at %d+%d", op, offset, length)
-                result = -errno.EIO
+                        backend.write(offset, view[data - base : data - base + length])
+                        if flags & _FUA:
+                            result = call_backend(_FLUSH, offset, length)
+                except Exception as err:
+                    result = _failure(err, op, offset, length)
             pack_reply(replies, at, handle, data, length, result, 0, 0)
             at += _REPLY.size
         return count
@@ -148,3 +200,11 @@ class Worker:
         self._view.release()
         uapi.ffi.release(self._pointer)
         self._mmap.close()
+
+
+def _failure(err: Exception, op: int, offset: int, length: int) -> int:
+    """The -errno a backend's exception answers: its own, else EIO (logged)."""
+    if isinstance(err, OSError):
+        return -(err.errno or errno.EIO)
+    log.error("backend failed on op %d at %d+%d", op, offset, length, exc_info=err)
+    return -errno.EIO

@@ -577,16 +577,29 @@ static int abuse_get_one(struct abuse_device *dev, struct file *file,
 	}
 	rq = blk_mq_rq_from_pdu(cmd);
 	need = abuse_buffer_need(rq);
-	if (need > x->buffer_size - *used) {
-		spin_unlock_irq(&dev->lock);
-		return slot ? 0 : -ENOBUFS;
+	if (x->flags & ABUSE_XFER_MAPPED) {
+		/* In place: the check at entry raced with a grow if this fails. */
+		u64 pos = (u64)blk_rq_pos(rq) << SECTOR_SHIFT;
+
+		if (pos > x->buffer_size ||
+		    blk_rq_bytes(rq) > x->buffer_size - pos) {
+			spin_unlock_irq(&dev->lock);
+			return slot ? 0 : -ENOBUFS;
+		}
+		data = need ? x->buffer + pos : 0;
+		need = 0;
+	} else {
+		if (need > x->buffer_size - *used) {
+			spin_unlock_irq(&dev->lock);
+			return slot ? 0 : -ENOBUFS;
+		}
+		data = need ? x->buffer + *used : 0;
 	}
 	abuse_set_state(dev, rq, ABUSE_CMD_BUSY);
 	cmd->gen++;
 	cmd->holder = file;
 	spin_unlock_irq(&dev->lock);
 
-	data = need ? x->buffer + *used : 0;
 	abuse_describe(rq, data, &desc);
 	if (req_op(rq) == REQ_OP_WRITE)
 		err = abuse_copy_rq(rq, u64_to_user_ptr(data), true);
@@ -1123,6 +1136,10 @@ static int abuse_ctl_xfer(struct file *file, struct abuse_xfer *x, bool put)
 	 * never named.
 	 */
 	if (x->max_requests && x->buffer_size > U64_MAX - x->buffer)
+		return -EINVAL;
+	/* Mapped, every offset of the disk must fall inside the buffer. */
+	if (x->max_requests && x->flags & ABUSE_XFER_MAPPED &&
+	    x->buffer_size < READ_ONCE(dev->config.size))
 		return -EINVAL;
 	if (x->nr_replies > ABUSE_MAX_BATCH ||
 	    x->max_requests > ABUSE_MAX_BATCH)

@@ -159,7 +159,8 @@ struct abuse_reply {
 /* abuse_xfer.flags */
 #define ABUSE_XFER_NOWAIT		(1U << 0)	/* GET never blocks */
 #define ABUSE_XFER_TIMEOUT		(1U << 1)	/* GET waits @timeout_ms at most */
-#define ABUSE_XFER_ALL			0x3U
+#define ABUSE_XFER_MAPPED		(1U << 2)	/* @buffer maps the disk */
+#define ABUSE_XFER_ALL			0x7U
 
 /*
  * struct abuse_xfer - argument of GET and PUT on an attached file.
@@ -174,6 +175,14 @@ struct abuse_reply {
  * blocked GET is woken per queued request.  A request larger than
  * @buffer_size is never handed out: -ENOBUFS.  A buffer whose end,
  * @buffer + @buffer_size, does not fit in 64 bits is refused: -EINVAL.
+ *
+ * With ABUSE_XFER_MAPPED, @buffer is the whole disk, mapped (a memory
+ * backend's mapping, say): a request at byte offset O has its data at
+ * @buffer + O.  A write's payload is copied there at GET, so it is
+ * stored by the time the worker sees it; a read is answered from the
+ * same address.  One copy each way, none in the worker.  A GET needs
+ * @buffer_size at least the disk's size, else -EINVAL (after a resize,
+ * say: serve by copy then).
  */
 struct abuse_xfer {
 	__u64 replies;			/* in: user address of abuse_reply[] */

@@ -128,6 +128,26 @@ def test_memory_subclass_that_overrides_read_is_read_by_call() -> None:
 
     with Picky(SIZE) as backend:
         assert backend.mapped_address(0, 4096) == 0
+        assert backend.mapping() is None
+
+
+def test_memory_backend_is_served_in_place_only_when_plain() -> None:
+    """In place, the kernel stores writes itself: a write() override would be bypassed."""
+
+    class Counting(MemoryBackend):
+        def write(self, offset: int, data: memoryview) -> None:
+            super().write(offset, data)
+
+    with open_backend("memory", SIZE) as backend:
+        mapping = backend.mapping()
+        assert mapping is not None
+        address, size = mapping
+        assert size == SIZE and address == backend.mapped_address(0, 4096)
+    with Counting(SIZE) as counting:
+        assert counting.mapping() is None
+        assert counting.mapped_address(0, 4096) != 0  # reads may still go by address
+    with open_backend("zero", SIZE) as zero:
+        assert zero.mapping() is None
 
 
 def write(backend: Backend, buffer: memoryview, offset: int, data: bytes) -> None:

@@ -41,6 +41,17 @@ class Backend:
         """
         return 0
 
+    def mapping(self) -> tuple[int, int] | None:
+        """The whole disk as mapped in this process, ``(address, size)``, or None.
+
+        A backend that returns it is served in place (ABUSE_XFER_MAPPED):
+        the kernel copies each write's payload straight into the mapping,
+        without a call to :meth:`write`, and reads each answer from it,
+        without a call to :meth:`read`.  The default, None, means "call
+        them".
+        """
+        return None
+
     def flush(self) -> None:
         """Make every completed write durable."""
 

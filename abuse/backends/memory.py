@@ -1,12 +1,15 @@
 """``memory`` — a sparse memfd shared by every worker process.
 
-The memfd is mapped.  A write is a slice copy from the worker's buffer
-into the mapping; a read is answered with the mapping's own address, so
-the kernel copies straight from it into the request: one copy each way
-and no system call per request.  A 10G disk costs only the pages touched (reading a range never
-written allocates its pages too: shmem has no shared zero page), and
-discard punches pages out.  Forked workers inherit the same memfd and
-mapping, so they all see one disk.
+The memfd is mapped, and the worker serves the disk in place
+(ABUSE_XFER_MAPPED): the kernel copies a write's payload straight into
+the mapping and a read's data straight out of it, one copy each way,
+none in Python.  Once the disk outgrows the mapping (grown online) the
+worker serves by copy: a write is a slice copy from its buffer, a read
+is answered with the mapping's address, and past the mapping's end both
+go through the memfd.  A 10G disk costs only the pages touched (reading
+a range never written allocates its pages too: shmem has no shared zero
+page), and discard punches pages out.  Forked workers inherit the same
+memfd and mapping, so they all see one disk.
 """
 
 from __future__ import annotations
@@ -38,14 +41,19 @@ class MemoryBackend(FdBackend):
         self._pointer = _ffi.from_buffer(self._map)
         self._address = int(_ffi.cast("uintptr_t", self._pointer))
         # A subclass that overrides read() (to fail some ranges, say) must
-        # see every read: only plain memory disks are read by address.
+        # see every read: only plain memory disks are read by address, and
+        # only those that see writes plainly too are served in place.
         self._by_address = type(self).read is MemoryBackend.read
+        self._in_place = self._by_address and type(self).write is MemoryBackend.write
         super().__init__(fd, size)
 
     def mapped_address(self, offset: int, length: int) -> int:
         if not self._by_address or offset + length > self.size:
             return 0
         return self._address + offset
+
+    def mapping(self) -> tuple[int, int] | None:
+        return (self._address, self.size) if self._in_place else None
 
     def read(self, offset: int, buf: memoryview) -> None:
         end = offset + len(buf)

@@ -14,7 +14,7 @@ from abuse import DiskBusy, InvalidRequest, uapi
 from abuse.control import Control
 from tests.kernel.blockio import Background, direct_read, direct_write, pattern
 from tests.kernel.conftest import Disks, MiB, run, wait_for
-from tests.kernel.raw import RawWorker, expect_errno, raw_errno, unmapped_address
+from tests.kernel.raw import RawWorker, Request, expect_errno, raw_errno, unmapped_address
 
 ffi = uapi.ffi
 KiB = 1 << 10
@@ -411,9 +411,43 @@ def test_partitions(disks: Disks) -> None:
     assert direct_read(config.path, start, 64 * KiB) == pattern(22, 64 * KiB)
 
 
+def test_mapped_get_stores_writes_in_place_and_points_reads_there(disks: Disks) -> None:
+    """ABUSE_XFER_MAPPED: the buffer is the disk; data sits at its own offset."""
+    config = disks.create(16 * MiB)
+    raw = RawWorker(config.index, buffer_bytes=config.size)
+    try:
+        raw.xfer.use_buffer(raw.base, config.size - 4096, mapped=True)
+        expect_errno(raw_errno(raw.control.fileno(), uapi.ABUSE_IOC_GET, raw.xfer.arg), errno.EINVAL)
+        raw.xfer.use_buffer(raw.base, config.size, mapped=True)
+        payload = pattern(50, 8192)
+        writer = Background(lambda: direct_write(config.path, 5 * MiB, payload))
+        (write,) = _take(raw)
+        assert (write.op, write.offset, write.data) == (uapi.ABUSE_OP_WRITE, 5 * MiB, raw.base + 5 * MiB)
+        assert bytes(raw.buffer[5 * MiB : 5 * MiB + 8192]) == payload  # stored before the PUT
+        assert raw.put([raw.answer(write)]) == [0]
+        writer.join()
+        assert writer.error is None
+        raw.buffer[MiB : MiB + 4096] = pattern(51, 4096)
+        reader = Background(lambda: direct_read(config.path, MiB, 4096))
+        (read,) = _take(raw)
+        assert (read.op, read.data) == (uapi.ABUSE_OP_READ, raw.base + MiB)
+        assert raw.put([raw.answer(read)]) == [0]
+        reader.join()
+        assert reader.result == pattern(51, 4096)
+    finally:
+        raw.close()
+
+
+def _take(raw: RawWorker) -> list[Request]:
+    got: list[Request] = []
+    wait_for(lambda: bool(got.extend(raw.get()) or got))
+    return got
+
+
 def test_resize_while_open(disks: Disks) -> None:
     config = disks.create(64 * MiB)
-    disks.serve(config)
+    served = disks.serve(config)
+    assert served.worker.in_place
     fd = os.open(config.path, os.O_RDONLY)
     try:
         disks.control.resize(config.index, 128 * MiB)
@@ -425,6 +459,10 @@ def test_resize_while_open(disks: Disks) -> None:
         os.close(fd)
     direct_write(config.path, 100 * MiB, pattern(30, 4096))
     assert direct_read(config.path, 100 * MiB, 4096) == pattern(30, 4096)
+    # The disk outgrew the memory backend's mapping: served by copy now.
+    assert not served.worker.in_place
+    direct_write(config.path, 4096, pattern(31, 4096))
+    assert direct_read(config.path, 4096, 4096) == pattern(31, 4096)
 
 
 def test_destroy_open_disk_is_busy_and_force_fails_io(disks: Disks) -> None:

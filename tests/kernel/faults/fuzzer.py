@@ -56,6 +56,7 @@ RESET = IOC["ABUSE_IOC_RESET"]
 
 MAX_BATCH = uapi.ABUSE_MAX_BATCH
 NOWAIT = uapi.ABUSE_XFER_NOWAIT
+MAPPED = uapi.ABUSE_XFER_MAPPED
 MAX_ERRNO = 4095
 U32 = (1 << 32) - 1
 U64 = (1 << 64) - 1
@@ -117,8 +118,9 @@ class Fuzzer:
         self.replies = Arena(MAX_BATCH * REPLY.size // PAGE + 1)
         self.requests = Arena(MAX_BATCH * REQUEST.size // PAGE + 1)
         # 4 MiB: room for several 1 MiB requests.  Its tail covers the
-        # most one GET can hand out (queue depth x request size) past it.
-        reach = max(d.queue_depth * CONFIG.unpack(d.config)[5] for d in (busy, spare))
+        # most one GET can hand out (queue depth x request size) past it,
+        # and a whole disk for ABUSE_XFER_MAPPED (data at its offset).
+        reach = max(max(d.queue_depth * CONFIG.unpack(d.config)[5], d.size) for d in (busy, spare))
         self.data = Arena(1024, tail=reach)
         self.calls = 0
         self.created = 0
@@ -569,7 +571,9 @@ class Fuzzer:
         assert f.disk is not None
         nr_replies = self._count() if put or rng.random() < 0.05 else 0
         max_requests = self._count()
-        flags = NOWAIT if rng.random() < 0.9 else self._u32() | NOWAIT
+        pick = rng.random()
+        flags = NOWAIT if pick < 0.8 else NOWAIT | MAPPED if pick < 0.9 else self._u32() | NOWAIT
+        mapped = flags == NOWAIT | MAPPED
         pad = 0 if rng.random() < 0.95 else self._u32() or 1
         reserved = (0, 0) if rng.random() < 0.95 else (rng.randrange(U64 + 1), 1)
 
@@ -600,9 +604,11 @@ class Fuzzer:
         answered = False  # the PUT half ran over every entry
         if not aptr.readable:
             exact = errno.EFAULT
-        elif flags & ~NOWAIT or pad or any(reserved) or (not put and nr_replies):
+        elif flags & ~(NOWAIT | MAPPED) or pad or any(reserved) or (not put and nr_replies):
             exact = errno.EINVAL
         elif max_requests and buf + buf_size >= 1 << 64:  # its end does not fit in 64 bits
+            exact = errno.EINVAL
+        elif max_requests and mapped and buf_size < f.disk.size:  # the disk must fit
             exact = errno.EINVAL
         elif nr_replies > MAX_BATCH or max_requests > MAX_BATCH:
             exact = errno.E2BIG
@@ -641,7 +647,7 @@ class Fuzzer:
             assert nr_accepted == 0, f"{what}: the fuzzer completed {nr_accepted} real requests"
         assert nr_requests <= max_requests, f"{what}: {nr_requests} descriptors"
         if nr_requests:
-            self._took(f, qptr.address, nr_requests, buf, buf_size, what)
+            self._took(f, qptr.address, nr_requests, buf, buf_size, mapped, what)
 
     def _check_statuses(self, address: int, want: list[int], what: str) -> None:
         blob = self.replies.read(address, len(want) * REPLY.size)
@@ -650,7 +656,9 @@ class Fuzzer:
             bad = [(i, g, w) for i, (g, w) in enumerate(zip(got, want)) if g != w][:5]
             raise FuzzFailure(f"call {self.calls}: {what}: entry statuses (index, got, want) {bad}")
 
-    def _took(self, f: File, address: int, count: int, buf: int, buf_size: int, what: str) -> None:
+    def _took(
+        self, f: File, address: int, count: int, buf: int, buf_size: int, mapped: bool, what: str
+    ) -> None:
         """Check the descriptors a GET filled and hold them."""
         assert f.disk is not None
         self.got += count
@@ -663,7 +671,7 @@ class Fuzzer:
                 and 0 < length
                 and offset + length <= f.disk.size
                 and offset % f.disk.block_size == 0
-                and (data - buf) % uapi.ABUSE_DATA_ALIGN == 0
+                and (data - buf == offset if mapped else (data - buf) % uapi.ABUSE_DATA_ALIGN == 0)
                 and buf <= data
                 and data + length <= buf + buf_size
             )
