@@ -578,11 +578,14 @@ static int abuse_get_one(struct abuse_device *dev, struct file *file,
 	rq = blk_mq_rq_from_pdu(cmd);
 	need = abuse_buffer_need(rq);
 	if (x->flags & ABUSE_XFER_MAPPED) {
-		/* In place: the check at entry raced with a grow if this fails. */
+		/*
+		 * In place, for reads and writes (a flush has no position).
+		 * Out of range only if the check at entry raced with a grow.
+		 */
 		u64 pos = (u64)blk_rq_pos(rq) << SECTOR_SHIFT;
 
-		if (pos > x->buffer_size ||
-		    blk_rq_bytes(rq) > x->buffer_size - pos) {
+		if (need && (pos > x->buffer_size ||
+			     blk_rq_bytes(rq) > x->buffer_size - pos)) {
 			spin_unlock_irq(&dev->lock);
 			return slot ? 0 : -ENOBUFS;
 		}

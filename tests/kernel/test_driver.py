@@ -417,7 +417,11 @@ def test_mapped_get_stores_writes_in_place_and_points_reads_there(disks: Disks) 
     raw = RawWorker(config.index, buffer_bytes=config.size)
     try:
         raw.xfer.use_buffer(raw.base, config.size - 4096, mapped=True)
+        raw.xfer.arg.flags = uapi.ABUSE_XFER_NOWAIT | uapi.ABUSE_XFER_MAPPED  # never blocks
         expect_errno(raw_errno(raw.control.fileno(), uapi.ABUSE_IOC_GET, raw.xfer.arg), errno.EINVAL)
+        with pytest.raises(OSError) as refused:
+            raw.get()  # the same through Xfer, which sets the flag itself
+        assert refused.value.errno == errno.EINVAL
         raw.xfer.use_buffer(raw.base, config.size, mapped=True)
         payload = pattern(50, 8192)
         writer = Background(lambda: direct_write(config.path, 5 * MiB, payload))
