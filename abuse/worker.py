@@ -67,6 +67,7 @@ class Worker:
         config = control.info(index).config
         control.attach(index)
         self.control = control
+        self._index = index
         self.backend = backend
         self.served = 0
         size = max(buffer_bytes, config.max_request_bytes)
@@ -99,9 +100,9 @@ class Worker:
             except OSError as err:
                 if err.errno == errno.EINTR:
                     continue
-                if err.errno == errno.EINVAL and self.in_place:
-                    # The disk outgrew the mapping.  Nothing of this call
-                    # was done: the same replies go again, by copy.
+                if err.errno == errno.EINVAL and self.in_place and self._outgrew_mapping():
+                    # Nothing of this call was done: the same replies go
+                    # again, by copy.
                     log.info("disk larger than the backend's mapping: serving by copy")
                     self._serve_by_copy()
                     continue
@@ -118,6 +119,10 @@ class Worker:
                 answered = self._run_batch_in_place(got)
             else:
                 answered = self._run_batch(got)
+
+    def _outgrew_mapping(self) -> bool:
+        """Whether the disk is now larger than the mapping served in place."""
+        return self.control.info(self._index).config.size > int(self._xfer.arg.buffer_size)
 
     def _serve_by_copy(self) -> None:
         self.in_place = False

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from tests.kernel.conftest import run, wait_for
+from tests.kernel.faults.workload import start_fio_verify
 from tests.kernel.serving import (
     abusectl,
     check_files,
@@ -88,27 +89,7 @@ def test_readme_example_backend_passes_fio_verify() -> None:
 
 def test_kill_9_workers_during_fio_verify() -> None:
     with served_disk("256M", "memory", 4, "--timeout", "5") as (dev, serve):
-        job = subprocess.Popen(
-            [
-                "fio",
-                "--name=kill",
-                f"--filename={dev}",
-                "--direct=1",
-                "--ioengine=libaio",
-                "--rw=randwrite",
-                "--bs=4k",
-                "--size=64M",
-                "--iodepth=16",
-                "--time_based",
-                "--runtime=30",
-                "--verify=crc32c",
-                "--verify_fatal=1",
-                "--verify_backlog=256",
-            ],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
+        job = start_fio_verify(dev, 30, size="64M", iodepth=16)
         kills = 0
         rng = random.Random(1)
         while job.poll() is None:
