@@ -27,7 +27,7 @@ from typing import Any
 import psutil
 
 from abuse.control import Control
-from bench.jobs import JOBS, SCALE_QUEUE_DEPTHS, SCALE_WORKERS, Job, scale_job
+from bench.jobs import BATCH_JOBS, BATCH_SIZES, JOBS, SCALE_QUEUE_DEPTHS, SCALE_WORKERS, Job, scale_job
 
 ROOT = Path(__file__).resolve().parents[1]
 TMPFS = Path("/tmp/bench-tmpfs")
@@ -206,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=1 << 30, help="bytes per device")
     parser.add_argument("--batch", type=int, default=64, help="abuse requests per GET")
     parser.add_argument("--only", default="", help="comma-separated targets (default: all)")
-    parser.add_argument("--no-scaling", action="store_true", help="skip the scaling runs")
+    parser.add_argument("--no-scaling", action="store_true", help="skip the scaling and batching runs")
     parser.add_argument("--profile", action="store_true", help="only profile one worker, per job")
     parser.add_argument("--no-prefill", action="store_true", help="do not write each device first")
     args = parser.parse_args(argv)
@@ -245,6 +245,9 @@ def main(argv: list[str] | None = None) -> int:
                 failed += _measure(result, f"scale-abuse-mem-{workers}w", factory, jobs, args.runtime, fill)
             jobs = [scale_job(qd) for qd in SCALE_QUEUE_DEPTHS]
             failed += _measure(result, "scale-loop", lambda: loop_disk(args.size), jobs, args.runtime, fill)
+            for batch in BATCH_SIZES:
+                factory = lambda b=batch: abuse_disk(args.size, "memory", 1, b)  # noqa: E731
+                failed += _measure(result, f"batch-{batch}", factory, BATCH_JOBS, args.runtime, fill)
     finally:
         result["guest_loadavg_after"] = os.getloadavg()
         (args.out / "raw.json").write_text(json.dumps(result, indent=1))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["JOBS", "SCALE_QUEUE_DEPTHS", "SCALE_WORKERS", "Job", "scale_job"]
+__all__ = ["BATCH_JOBS", "BATCH_SIZES", "JOBS", "SCALE_QUEUE_DEPTHS", "SCALE_WORKERS", "Job", "scale_job"]
 
 
 @dataclass(frozen=True)
@@ -32,6 +32,9 @@ JOBS = [
 ]
 
 SCALE_WORKERS = (1, 2, 4)
+# The batching figure: one worker at QD32, 1 to 64 requests per GET.
+BATCH_SIZES = (1, 4, 16, 64)
+BATCH_JOBS = [job for job in JOBS if job.name in ("randread-4k-qd32", "randwrite-4k-qd32")]
 SCALE_QUEUE_DEPTHS = (1, 8, 32, 128)
 
 

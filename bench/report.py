@@ -18,9 +18,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.jobs import JOBS, SCALE_QUEUE_DEPTHS, SCALE_WORKERS
+from bench.jobs import BATCH_JOBS, JOBS, SCALE_QUEUE_DEPTHS, SCALE_WORKERS
 
-__all__ = ["Row", "main", "markdown", "rows_from_raw", "summary", "targets_check"]
+__all__ = ["Row", "batching", "main", "markdown", "rows_from_raw", "summary", "targets_check"]
 
 LOOP = "loop"
 NBDKIT_C = "nbdkit-c"
@@ -109,7 +109,7 @@ def rows_from_raw(raw: dict[str, Any]) -> list[Row]:
 
 
 def _main_rows(rows: list[Row]) -> list[Row]:
-    return [row for row in rows if not row.target.startswith("scale-")]
+    return [row for row in rows if not row.target.startswith(("scale-", "batch-"))]
 
 
 def _figure(rows: list[Row], target: str, jobs: tuple[str, ...]) -> float | None:
@@ -202,6 +202,17 @@ def scaling(rows: list[Row]) -> dict[str, dict[int, float]]:
     return series
 
 
+def batching(rows: list[Row]) -> dict[int, dict[str, float | None]]:
+    """By requests per GET: each batching job's IOPS, and server CPU per request."""
+    out: dict[int, dict[str, float | None]] = {}
+    for row in rows:
+        if row.target.startswith("batch-"):
+            entry = out.setdefault(int(row.target.removeprefix("batch-")), {})
+            entry[row.job] = row.iops
+            entry[f"{row.job} server CPU us/req"] = row.server_cpu_us
+    return dict(sorted(out.items()))
+
+
 def _load(meta: dict[str, Any]) -> str:
     before = meta.get("host_load_before") or "?"
     after = meta.get("host_load_after") or "?"
@@ -255,6 +266,17 @@ def markdown(raw: dict[str, Any], rows: list[Row], images: tuple[str, str] | Non
             lines.append(f"| {name} | {cells} |")
         if images:
             lines += ["", f"![scaling]({images[1]})"]
+    by_batch = batching(rows)
+    if by_batch:
+        jobs = [job.name for job in BATCH_JOBS]
+        lines += ["", "## Batching: one worker, memory backend, by requests per GET", ""]
+        lines += ["| batch | " + " | ".join(f"{job} IOPS | server CPU us/req" for job in jobs) + " |"]
+        lines += ["|---|" + "---|---|" * len(jobs)]
+        for batch, entry in by_batch.items():
+            cells = " | ".join(
+                f"{_fmt(entry.get(job))} | {_fmt(entry.get(f'{job} server CPU us/req'))}" for job in jobs
+            )
+            lines.append(f"| {batch} | {cells} |")
     if raw.get("failures"):
         lines += ["", "## Failed targets", ""]
         lines += [f"- {name}: {why}" for name, why in raw["failures"].items()]
@@ -365,6 +387,7 @@ def main(argv: list[str] | None = None) -> int:
         "summary": summary(rows),
         "targets": targets_check(rows, raw["kernel"]),
         "scaling": scaling(rows),
+        "batching": batching(rows),
         "runs": [asdict(row) for row in rows],
     }
     (args.results / f"{stem}.json").write_text(json.dumps(document, indent=1) + "\n")

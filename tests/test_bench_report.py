@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from bench import report
-from bench.jobs import JOBS
+from bench.jobs import BATCH_JOBS, JOBS
 
 CANNED = json.loads((Path(__file__).parent / "data" / "fio-randread.json").read_text())
 CANNED_IOPS = CANNED["jobs"][0]["read"]["iops"]
@@ -50,6 +50,17 @@ def raw_result(scales: dict[str, float], scaling: bool = True) -> dict[str, Any]
                     "guest_busy_cpu_s": 1.0,
                 }
             )
+        for batch, scale in ((1, 0.5), (64, 2.0)):
+            for job in BATCH_JOBS:
+                runs.append(
+                    {
+                        "target": f"batch-{batch}",
+                        "job": job.name,
+                        "fio": fio_output(job.name, scale),
+                        "server_cpu_s": 1.0,
+                        "guest_busy_cpu_s": 1.0,
+                    }
+                )
     return {
         "kernel": "6.1.0-test",
         "cpus": 2,
@@ -113,7 +124,19 @@ def test_markdown_has_every_target_and_the_scaling_table() -> None:
     assert "0.50x" in text and "2.00x" in text
     assert "host loadavg before `0.10 0.20 0.30`" in text
     assert "| abuse-mem-2w | " in text  # scaling series
-    assert "scale-" not in text
+    assert "scale-" not in text and "batch-" not in text
+
+
+def test_batching_reports_iops_and_cpu_per_request_by_batch_size() -> None:
+    rows = report.rows_from_raw(raw_result({"loop": 1.0}))
+    by_batch = report.batching(rows)
+    assert list(by_batch) == [1, 64]
+    total_ios = CANNED["jobs"][0]["read"]["total_ios"]
+    assert by_batch[64]["randwrite-4k-qd32"] == pytest.approx(CANNED_IOPS * 2.0)
+    assert by_batch[1]["randread-4k-qd32 server CPU us/req"] == pytest.approx(1e6 / (total_ios * 0.5))
+    assert [s["target"] for s in report.summary(rows)] == ["loop"]  # not in the main table
+    text = report.markdown(raw_result({"loop": 1.0}), rows)
+    assert "## Batching" in text and "| 64 | " in text
 
 
 def test_main_writes_markdown_json_charts_and_readme(tmp_path: Path) -> None:
@@ -132,7 +155,8 @@ def test_main_writes_markdown_json_charts_and_readme(tmp_path: Path) -> None:
     document = json.loads((results / f"{stem}.json").read_text())
     assert document["host_load_before"] == "0.01 0.02 0.03"
     assert document["summary"][0]["4k QD1 IOPS"]["vs_loop"] == pytest.approx(0.5)
-    assert len(document["runs"]) == 2 * len(JOBS) + 2
+    assert len(document["runs"]) == 2 * len(JOBS) + 2 + 2 * len(BATCH_JOBS)
+    assert list(document["batching"]) == ["1", "64"]
     for suffix in (".png", "-scaling.png"):
         assert (results / f"{stem}{suffix}").read_bytes().startswith(b"\x89PNG")
     text = readme.read_text()

@@ -14,6 +14,7 @@ from abuse import DiskBusy, InvalidRequest, uapi
 from abuse.control import Control
 from tests.kernel.blockio import Background, direct_read, direct_write, pattern
 from tests.kernel.conftest import Disks, MiB, run, wait_for
+from tests.kernel.faults.hostile import PAGE, Arena
 from tests.kernel.raw import RawWorker, Request, expect_errno, raw_errno, unmapped_address
 
 ffi = uapi.ffi
@@ -314,6 +315,60 @@ def test_get_faults_and_small_buffers_lose_nothing(disks: Disks) -> None:
     writer.join()
     assert writer.error is None
     assert direct_read(config.path, 0, 64 * KiB) == pattern(5, 64 * KiB)
+
+
+def test_copies_cross_pinned_windows_at_any_alignment(disks: Disks) -> None:
+    """The driver copies through the worker's pages, pinned 32 at a time.
+
+    A 256 KiB request spans several windows; a buffer at an odd address
+    splits every page.  Memory the copy cannot pin for its direction (a
+    guard page, a read-only page for a write's payload, a kernel address)
+    fails that call or entry with EFAULT, and the request is kept.
+    """
+    size = 256 * KiB
+    config = disks.create(16 * MiB, max_request_bytes=size)
+    raw = RawWorker(config.index, buffer_bytes=2 * size)
+    arena = Arena(pages=2 * size // PAGE)
+    try:
+        writer = Background(lambda: direct_write(config.path, 0, pattern(11, size)))
+        wait_for(lambda: disks.control.info(config.index).counters["queued"] == 1)
+        ends_in_guard = arena.guard + PAGE - size
+        for unpinnable in (ends_in_guard, arena.readonly):
+            raw.xfer.use_buffer(unpinnable, size)
+            with pytest.raises(OSError) as fault:
+                raw.get()
+            assert fault.value.errno == errno.EFAULT
+            assert disks.control.info(config.index).counters["queued"] == 1
+        raw.xfer.use_buffer(raw.base + 100, 2 * size - 100)
+        (write,) = raw.get()
+        assert (write.op, write.length, write.data) == (uapi.ABUSE_OP_WRITE, size, raw.base + 100)
+        assert raw.buffer[100 : 100 + size] == pattern(11, size)
+        assert raw.put([raw.answer(write)]) == [0]
+        writer.join()
+        assert writer.error is None
+
+        reader = Background(lambda: direct_read(config.path, 0, size))
+        (read,) = raw.get(wait=True, wait_ms=10_000)
+        assert (read.op, read.length) == (uapi.ABUSE_OP_READ, size)
+        answer = raw.answer(read)
+        kernel_address = 0xFFFF_8880_0000_0000
+        assert raw.put([{**answer, "data": ends_in_guard}]) == [-errno.EFAULT]
+        assert raw.put([{**answer, "data": kernel_address}]) == [-errno.EFAULT]
+        arena.write(arena.base + 100, pattern(12, size))
+        assert raw.put([{**answer, "data": arena.base + 100}]) == [0]
+        assert reader.join().result == pattern(12, size)
+
+        # A read's data may come from read-only memory.
+        reader = Background(lambda: direct_read(config.path, 0, PAGE))
+        (read,) = raw.get(wait=True, wait_ms=10_000)
+        source = arena.fill_readonly(pattern(13, PAGE))
+        assert raw.put([{**raw.answer(read), "data": source}]) == [0]
+        assert reader.join().result == pattern(13, PAGE)
+    finally:
+        raw.close()
+        arena.close()
+    counters = disks.control.info(config.index).counters
+    assert counters["errors"] == 0 and counters["in_flight"] == counters["queued"] == 0
 
 
 def test_timeout_fails_with_eio_when_no_worker(disks: Disks) -> None:
