@@ -4,7 +4,8 @@ One worker is one attached Control, one preallocated buffer and one
 thread.  Each system call both answers the previous batch and fetches
 the next (PUT carrying GET); when nothing is queued the worker sleeps
 inside that same call, woken by the kernel for the next request (one
-worker per request), or after ``idle_ms`` to look at ``should_stop``.
+worker per request, the one that slept last first), or after ``idle_ms``
+to look at ``should_stop``.
 So a busy worker makes one system call per batch and an idle one none.
 
 The hot path allocates no cffi objects: the batch's descriptors are

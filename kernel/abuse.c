@@ -71,7 +71,8 @@ struct abuse_device {
 	struct blk_mq_tag_set tag_set;
 	struct gendisk *disk;
 	struct kref kref;
-	wait_queue_head_t wait;		/* GET waiters (exclusive) and poll */
+	wait_queue_head_t get_wait;	/* GET sleepers: exclusive, LIFO */
+	wait_queue_head_t poll_wait;	/* pollers */
 
 	spinlock_t lock;		/* protects all below and each abuse_cmd */
 	struct abuse_config config;	/* size and read-only change online */
@@ -332,12 +333,21 @@ static blk_status_t abuse_queue_rq(struct blk_mq_hw_ctx *hctx,
 	spin_unlock_irqrestore(&dev->lock, flags);
 
 	/*
-	 * Wakes one exclusive GET waiter, and every poller.  Sync: the
-	 * submitter usually sleeps next, so the worker may run on this CPU
-	 * instead of waking another one.
+	 * Wakes one GET sleeper, and every poller.  Sync: the submitter
+	 * usually sleeps next, so the worker may run on this CPU instead of
+	 * waking another one.
 	 */
-	wake_up_interruptible_sync(&dev->wait);
+	wake_up_interruptible_sync(&dev->get_wait);
+	if (wq_has_sleeper(&dev->poll_wait))
+		wake_up_interruptible(&dev->poll_wait);
 	return BLK_STS_OK;
+}
+
+/* @nr requests were requeued: wake as many GET sleepers, and the pollers. */
+static void abuse_wake(struct abuse_device *dev, unsigned int nr)
+{
+	wake_up_nr(&dev->get_wait, nr);
+	wake_up(&dev->poll_wait);
 }
 
 /*
@@ -374,7 +384,7 @@ out_unlock:
 		blk_mq_end_request(rq, BLK_STS_IOERR);
 		ret = BLK_EH_DONE;
 	} else if (requeued) {
-		wake_up(&dev->wait);
+		abuse_wake(dev, 1);
 	}
 	return ret;
 }
@@ -696,7 +706,7 @@ static int abuse_get_one(struct abuse_device *dev, struct file *file,
 	if (err) {
 		abuse_requeue(dev, rq);
 		spin_unlock_irq(&dev->lock);
-		wake_up(&dev->wait);
+		abuse_wake(dev, 1);
 		return err;
 	}
 	abuse_set_state(dev, rq, ABUSE_CMD_IN_FLIGHT);
@@ -712,15 +722,24 @@ static bool abuse_has_work(struct abuse_device *dev)
 
 /*
  * Sleep until @dev has work, a signal arrives or @timeout jiffies pass.
- * Exclusive: queue_rq wakes one waiter per request, not a herd.  Returns
- * the jiffies left (0 once timed out) or -EINTR.  May sleep.
+ * Exclusive: queue_rq wakes one sleeper per request, not a herd.  LIFO,
+ * as epoll_wait(): the worker that went to sleep last, still warm, takes
+ * the next request, and the others sleep on while it keeps up (FIFO
+ * passed each request of a QD1 stream to the other worker of two, which
+ * halved the IOPS).  Returns the jiffies left (0 once timed out) or
+ * -EINTR.  May sleep.
  */
 static long abuse_wait_work(struct abuse_device *dev, long timeout)
 {
 	DEFINE_WAIT(wait);
 
 	for (;;) {
-		prepare_to_wait_exclusive(&dev->wait, &wait, TASK_INTERRUPTIBLE);
+		/* prepare_to_wait_exclusive(), at the head of the queue */
+		spin_lock_irq(&dev->get_wait.lock);
+		if (list_empty(&wait.entry))
+			__add_wait_queue_exclusive(&dev->get_wait, &wait);
+		set_current_state(TASK_INTERRUPTIBLE);
+		spin_unlock_irq(&dev->get_wait.lock);
 		if (abuse_has_work(dev) || !timeout)
 			break;
 		if (signal_pending(current)) {
@@ -729,7 +748,7 @@ static long abuse_wait_work(struct abuse_device *dev, long timeout)
 		}
 		timeout = schedule_timeout(timeout);
 	}
-	finish_wait(&dev->wait, &wait);
+	finish_wait(&dev->get_wait, &wait);
 	return timeout;
 }
 
@@ -772,7 +791,7 @@ static int abuse_get(struct abuse_device *dev, struct file *file,
 	}
 	/* Pass the wake-up on if we leave work behind. */
 	if (READ_ONCE(dev->stats.queued))
-		wake_up(&dev->wait);
+		abuse_wake(dev, 1);
 
 	x->nr_requests = n;
 	return n ? 0 : ret;
@@ -940,7 +959,8 @@ static int abuse_ctl_create(struct abuse_config *cfg)
 	}
 	kref_init(&dev->kref);
 	spin_lock_init(&dev->lock);
-	init_waitqueue_head(&dev->wait);
+	init_waitqueue_head(&dev->get_wait);
+	init_waitqueue_head(&dev->poll_wait);
 	INIT_LIST_HEAD(&dev->queue);
 	dev->config = *cfg;
 
@@ -1016,7 +1036,8 @@ static void abuse_remove(struct abuse_device *dev)
 	abuse_fail_requests(dev, &done);
 	spin_unlock_irq(&dev->lock);
 	abuse_end_list(&done);
-	wake_up_all(&dev->wait);
+	wake_up_all(&dev->get_wait);
+	wake_up_all(&dev->poll_wait);
 
 	blk_mark_disk_dead(dev->disk);
 	/* Waits for requests still being copied; new ones fail at once. */
@@ -1176,7 +1197,7 @@ static int abuse_ctl_reset(const struct abuse_target *target)
 	spin_unlock_irq(&dev->lock);
 	abuse_end_list(&done);
 	if (requeued)
-		wake_up_nr(&dev->wait, requeued);
+		abuse_wake(dev, requeued);
 	mutex_unlock(&abuse_ctl_mutex);
 	return 0;
 }
@@ -1341,7 +1362,7 @@ static __poll_t abuse_ctl_poll(struct file *file, poll_table *wait)
 
 	if (!dev)
 		return EPOLLERR;
-	poll_wait(file, &dev->wait, wait);
+	poll_wait(file, &dev->poll_wait, wait);
 	if (READ_ONCE(dev->dead))
 		return EPOLLHUP;
 	return READ_ONCE(dev->stats.queued) ? EPOLLIN | EPOLLRDNORM : 0;
@@ -1369,7 +1390,7 @@ static int abuse_ctl_release(struct inode *inode, struct file *file)
 	dev->stats.attached--;
 	spin_unlock_irq(&dev->lock);
 	if (requeued)
-		wake_up_nr(&dev->wait, requeued);
+		abuse_wake(dev, requeued);
 	kref_put(&dev->kref, abuse_dev_release);
 	return 0;
 }

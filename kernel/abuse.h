@@ -172,9 +172,11 @@ struct abuse_reply {
  * queued it blocks until a request arrives, unless ABUSE_XFER_NOWAIT,
  * in which case it returns 0 with @nr_requests 0, or ABUSE_XFER_TIMEOUT,
  * in which case it returns so after @timeout_ms without a request.  One
- * blocked GET is woken per queued request.  A request larger than
- * @buffer_size is never handed out: -ENOBUFS.  A buffer whose end,
- * @buffer + @buffer_size, does not fit in 64 bits is refused: -EINVAL.
+ * blocked GET is woken per queued request, the one that blocked last
+ * first (so one busy worker keeps its requests and the others sleep).
+ * A request larger than @buffer_size is never handed out: -ENOBUFS.  A
+ * buffer whose end, @buffer + @buffer_size, does not fit in 64 bits is
+ * refused: -EINVAL.
  *
  * With ABUSE_XFER_MAPPED, @buffer is the whole disk, mapped (a memory
  * backend's mapping, say): a request at byte offset O has its data at

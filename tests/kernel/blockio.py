@@ -67,3 +67,8 @@ class Background:
     @property
     def done(self) -> bool:
         return not self._thread.is_alive()
+
+    @property
+    def tid(self) -> int | None:
+        """The thread's kernel task id (for /proc/self/task/TID)."""
+        return self._thread.native_id

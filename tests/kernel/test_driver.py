@@ -371,6 +371,42 @@ def test_copies_cross_pinned_windows_at_any_alignment(disks: Disks) -> None:
     assert counters["errors"] == 0 and counters["in_flight"] == counters["queued"] == 0
 
 
+def _asleep_in_get(task: Background) -> bool:
+    """Whether ``task``'s thread sleeps inside the driver (a blocking GET)."""
+    with open(f"/proc/self/task/{task.tid}/stat") as f:
+        state = f.read().rsplit(")", 1)[1].split()[0]
+    with open(f"/proc/self/task/{task.tid}/wchan") as f:
+        return state == "S" and f.read().startswith("abuse")
+
+
+def test_the_worker_that_slept_last_takes_the_next_request(disks: Disks) -> None:
+    """GET sleepers are woken one per request, LIFO: the warm worker first."""
+    config = disks.create(16 * MiB)
+    first, last = RawWorker(config.index), RawWorker(config.index)
+    try:
+        first_get = Background(lambda: first.get(wait=True, wait_ms=60_000))
+        wait_for(lambda: _asleep_in_get(first_get))
+        last_get = Background(lambda: last.get(wait=True, wait_ms=60_000))
+        wait_for(lambda: _asleep_in_get(last_get))
+
+        writer = Background(lambda: direct_write(config.path, 0, pattern(14, 4096)))
+        (write,) = last_get.join().result
+        assert not first_get.done  # still asleep: one wake-up per request
+        assert last.put([last.answer(write)]) == [0]
+        writer.join()
+        assert writer.error is None
+
+        writer = Background(lambda: direct_write(config.path, 4096, pattern(15, 4096)))
+        (write,) = first_get.join().result
+        assert write.offset == 4096
+        assert first.put([first.answer(write)]) == [0]
+        writer.join()
+        assert writer.error is None
+    finally:
+        first.close()
+        last.close()
+
+
 def test_timeout_fails_with_eio_when_no_worker(disks: Disks) -> None:
     config = disks.create(16 * MiB, timeout_ms=2000, retries=1)
     started = time.monotonic()
