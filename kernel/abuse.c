@@ -343,7 +343,7 @@ static blk_status_t abuse_queue_rq(struct blk_mq_hw_ctx *hctx,
 	return BLK_STS_OK;
 }
 
-/* @nr requests were requeued: wake as many GET sleepers, and the pollers. */
+/* @nr requests (re)entered the queue: wake as many GET sleepers, and pollers. */
 static void abuse_wake(struct abuse_device *dev, unsigned int nr)
 {
 	wake_up_nr(&dev->get_wait, nr);
