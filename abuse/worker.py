@@ -114,12 +114,7 @@ class Worker:
             self.served += xfer.arg.nr_accepted
             if stopping:
                 return
-            if not got:
-                answered = 0
-            elif self.in_place:
-                answered = self._run_batch_in_place(got)
-            else:
-                answered = self._run_batch(got)
+            answered = self._run_batch(got) if got else 0
 
     def _outgrew_mapping(self) -> bool:
         """Whether the disk is now larger than the mapping served in place."""
@@ -129,31 +124,11 @@ class Worker:
         self.in_place = False
         self._xfer.use_buffer(self._base, len(self._mmap))
 
-    def _run_batch_in_place(self, count: int) -> int:
-        """Like :meth:`_run_batch`, with the data already where it belongs.
-
-        The kernel stored each write at GET and reads each answer from the
-        descriptor's own address, so only FUA, flush, discard and write
-        zeroes call the backend.
-        """
-        replies = self._replies
-        pack_reply = _REPLY.pack_into
-        at = 0
-        for handle, offset, data, length, op, flags in _REQUEST.iter_unpack(
-            self._requests[: count * _REQUEST.size]
-        ):
-            result = 0
-            if op > _WRITE or (op == _WRITE and flags & _FUA):
-                result = self._call_backend(op, offset, length)
-            pack_reply(replies, at, handle, data, length, result, 0, 0)
-            at += _REPLY.size
-        return count
-
     def _call_backend(self, op: int, offset: int, length: int) -> int:
-        """FLUSH, DISCARD, WRITE_ZEROES, or the flush of a FUA write; 0 or -errno."""
+        """FLUSH (also a FUA write's), DISCARD or WRITE_ZEROES; 0 or -errno."""
         backend = self.backend
         try:
-            if op in (_FLUSH, _WRITE):
+            if op == _FLUSH:
                 backend.flush()
             elif op == _DISCARD:
                 backend.discard(offset, length)
@@ -166,10 +141,16 @@ class Worker:
         return 0
 
     def _run_batch(self, count: int) -> int:
-        """Run the first ``count`` requests and fill their replies."""
+        """Run the first ``count`` requests and fill their replies.
+
+        Served in place, the kernel has stored each write at GET and reads
+        each answer from the descriptor's own address, so only FUA, flush,
+        discard and write zeroes call the backend.
+        """
         backend = self.backend
         mapped_address = backend.mapped_address
         call_backend = self._call_backend
+        in_place = self.in_place
         view = self._view
         base = self._base
         replies = self._replies
@@ -181,7 +162,7 @@ class Worker:
             result = 0
             if op > _WRITE:
                 result = call_backend(op, offset, length)
-            else:
+            elif not in_place:
                 try:
                     if op == _READ:
                         address = mapped_address(offset, length)
@@ -191,10 +172,10 @@ class Worker:
                             backend.read(offset, view[data - base : data - base + length])
                     else:
                         backend.write(offset, view[data - base : data - base + length])
-                        if flags & _FUA:
-                            result = call_backend(_FLUSH, offset, length)
                 except Exception as err:
                     result = _failure(err, op, offset, length)
+            if flags & _FUA and op == _WRITE and not result:
+                result = call_backend(_FLUSH, offset, length)
             pack_reply(replies, at, handle, data, length, result, 0, 0)
             at += _REPLY.size
         return count
