@@ -146,3 +146,18 @@ def wait_for(predicate: Callable[[], bool], timeout: float = 30.0) -> None:
     while not predicate():
         assert time.monotonic() < deadline, "condition not met in time"
         time.sleep(0.02)
+
+
+def asleep_in_driver(task: str) -> bool:
+    """Whether the thread at ``task`` (a /proc task folder) sleeps in abuse.ko.
+
+    A worker asleep there (a blocking GET) holds no requests; one awake
+    may be holding the batch it took.
+    """
+    try:
+        with open(f"{task}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+        with open(f"{task}/wchan") as f:
+            return state == "S" and f.read().startswith("abuse")
+    except FileNotFoundError:  # the task is gone
+        return False

@@ -13,7 +13,7 @@ import pytest
 from abuse import DiskBusy, InvalidRequest, uapi
 from abuse.control import Control
 from tests.kernel.blockio import Background, direct_read, direct_write, pattern
-from tests.kernel.conftest import Disks, MiB, run, wait_for
+from tests.kernel.conftest import Disks, MiB, asleep_in_driver, run, wait_for
 from tests.kernel.faults.hostile import PAGE, Arena
 from tests.kernel.raw import RawWorker, Request, expect_errno, raw_errno, unmapped_address
 
@@ -372,11 +372,7 @@ def test_copies_cross_pinned_windows_at_any_alignment(disks: Disks) -> None:
 
 
 def _asleep_in_get(task: Background) -> bool:
-    """Whether ``task``'s thread sleeps inside the driver (a blocking GET)."""
-    with open(f"/proc/self/task/{task.tid}/stat") as f:
-        state = f.read().rsplit(")", 1)[1].split()[0]
-    with open(f"/proc/self/task/{task.tid}/wchan") as f:
-        return state == "S" and f.read().startswith("abuse")
+    return asleep_in_driver(f"/proc/self/task/{task.tid}")
 
 
 def test_the_worker_that_slept_last_takes_the_next_request(disks: Disks) -> None:

@@ -5,10 +5,11 @@ from __future__ import annotations
 import os
 import random
 import signal
+import subprocess
 import time
 from pathlib import Path
 
-from tests.kernel.conftest import wait_for
+from tests.kernel.conftest import asleep_in_driver, wait_for
 from tests.kernel.faults import tally
 from tests.kernel.faults.workload import assert_settled, finish_fio, start_fio_verify, sysfs_counters
 from tests.kernel.serving import served_disk, start_pool, stop_pool, worker_pids
@@ -24,11 +25,12 @@ def test_stopped_worker_loses_its_requests_and_its_late_puts(rng: random.Random)
     by the worker that really finished them stands (fio verifies it).
     """
     with served_disk("128M", "memory", 2, "--timeout", str(TIMEOUT), "--retries", "10") as (dev, serve):
-        job = start_fio_verify(dev, 60, size="64M", iodepth=32)
+        job = start_fio_verify(dev, 90, size="64M", iodepth=32)
         stops = 0
-        while job.poll() is None and stops < 6:
+        # A stop only counts if the victim held a batch; stop until one did.
+        while job.poll() is None and (stops < 6 or (not _late_put_refused(dev) and stops < 12)):
             time.sleep(rng.uniform(0.5, 2.0))
-            victim = rng.choice(worker_pids(serve))
+            victim = _awake_worker(serve, rng)
             os.kill(victim, signal.SIGSTOP)
             time.sleep(TIMEOUT * 2 + rng.uniform(0, 1))
             os.kill(victim, signal.SIGCONT)
@@ -39,6 +41,27 @@ def test_stopped_worker_loses_its_requests_and_its_late_puts(rng: random.Random)
     assert counters["timeouts"] > 0, counters
     assert counters["rejected"] > 0, counters
     assert counters["errors"] == 0, counters
+
+
+def _late_put_refused(dev: str) -> bool:
+    counters = sysfs_counters(dev)
+    return counters["timeouts"] > 0 and counters["rejected"] > 0
+
+
+def _awake_worker(serve: subprocess.Popen[str], rng: random.Random) -> int:
+    """A worker not asleep in GET, so most likely holding requests.
+
+    GET sleepers wake LIFO, so under load one worker takes most batches
+    and the other mostly sleeps: a blind pick would often stop a worker
+    that holds nothing, and nothing would time out.
+    """
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        awake = [pid for pid in worker_pids(serve) if not asleep_in_driver(f"/proc/{pid}")]
+        if awake:
+            return rng.choice(awake)
+        time.sleep(0.001)
+    return rng.choice(worker_pids(serve))
 
 
 def test_no_worker_for_ten_seconds_with_timeout_zero(tmp_path: Path) -> None:
