@@ -79,6 +79,7 @@ struct abuse_device {
 	struct abuse_counters stats;	/* queued/in_flight/attached: current */
 	struct list_head queue;		/* QUEUED requests, oldest first */
 	struct request **rqs;		/* by tag: every request not IDLE */
+	u64 last_token;			/* fencing token of the last hand-out */
 	bool dead;			/* destroyed: fail everything */
 };
 
@@ -645,10 +646,11 @@ static int abuse_get_one(struct abuse_device *dev, struct file *file,
 			 struct abuse_xfer *x, u32 slot, u64 *used)
 {
 	struct abuse_request __user *udesc = u64_to_user_ptr(x->requests);
+	u64 __user *utokens = u64_to_user_ptr(x->tokens);
 	struct abuse_request desc;
 	struct abuse_cmd *cmd;
 	struct request *rq;
-	u64 need, data;
+	u64 need, data, token;
 	int err = 0;
 
 	spin_lock_irq(&dev->lock);
@@ -687,12 +689,16 @@ static int abuse_get_one(struct abuse_device *dev, struct file *file,
 	abuse_set_state(dev, rq, ABUSE_CMD_BUSY);
 	cmd->gen++;
 	cmd->holder = file;
+	token = ++dev->last_token;
 	spin_unlock_irq(&dev->lock);
 
 	abuse_describe(rq, data, &desc);
 	if (req_op(rq) == REQ_OP_WRITE)
 		err = abuse_copy_rq(rq, data, true);
 	if (!err && copy_to_user(&udesc[slot], &desc, sizeof(desc)))
+		err = -EFAULT;
+	if (!err && x->flags & ABUSE_XFER_TOKENS &&
+	    put_user(token, &utokens[slot]))
 		err = -EFAULT;
 
 	spin_lock_irq(&dev->lock);
@@ -1208,6 +1214,7 @@ static int abuse_ctl_version(struct abuse_version *version)
 	version->version = ABUSE_VERSION;
 	version->max_batch = ABUSE_MAX_BATCH;
 	version->features = ABUSE_F_ALL;
+	version->xfer_features = ABUSE_XFER_ALL;
 	return 0;
 }
 
@@ -1227,6 +1234,7 @@ static int abuse_ctl_xfer(struct file *file, struct abuse_xfer *x, bool put)
 	if (x->flags & ~ABUSE_XFER_ALL ||
 	    (x->flags & ABUSE_XFER_NOWAIT && x->flags & ABUSE_XFER_TIMEOUT) ||
 	    (!(x->flags & ABUSE_XFER_TIMEOUT) && x->timeout_ms) ||
+	    (!(x->flags & ABUSE_XFER_TOKENS) && x->tokens) ||
 	    !abuse_reserved_zero(x->__reserved, ARRAY_SIZE(x->__reserved)) ||
 	    (!put && x->nr_replies))
 		return -EINVAL;

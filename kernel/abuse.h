@@ -17,8 +17,13 @@
 #include <linux/types.h>
 #include <linux/ioctl.h>
 
-/* Bumped when a command or structure is added; existing ones never change. */
-#define ABUSE_VERSION			1
+/*
+ * Bumped when a command, flag or field is added; existing ones never
+ * change.  2: ABUSE_F_FENCE, ABUSE_XFER_TOKENS, abuse_version.xfer_features,
+ * abuse_counters.fenced.  What a module accepts is told by the feature
+ * bits of ABUSE_IOC_VERSION, not by this number: test the bits.
+ */
+#define ABUSE_VERSION			2
 
 /*
  * Disk features, passed in abuse_config.flags at CREATE and reported by
@@ -34,7 +39,17 @@
 #define ABUSE_F_WRITE_ZEROES		(1ULL << 3)
 /* Report a rotational disk to the block layer. */
 #define ABUSE_F_ROTATIONAL		(1ULL << 4)
-#define ABUSE_F_ALL			0x1fULL
+/*
+ * Fence stale workers: a request that times out, or is RESET, while the
+ * worker holding it is still alive is not handed to another worker.
+ * The holder (the process that last GOT on the file) gets SIGKILL and
+ * the request is requeued when its file is released, so a worker that
+ * was only stopped or slow can never store a write after another
+ * worker took it over.  A holder that cannot die (stuck in the D state)
+ * keeps its requests until it does.
+ */
+#define ABUSE_F_FENCE			(1ULL << 5)
+#define ABUSE_F_ALL			0x3fULL
 
 /* Limits. */
 #define ABUSE_MIN_BLOCK_SIZE		512
@@ -80,7 +95,8 @@ struct abuse_counters {
 	__u64 attached;			/* files attached to the disk */
 	__u64 bytes_read;		/* bytes of reads completed without error */
 	__u64 bytes_written;		/* bytes of writes completed without error */
-	__u64 __reserved[2];		/* 0 */
+	__u64 fenced;			/* holders killed by ABUSE_F_FENCE */
+	__u64 __reserved[1];		/* 0 */
 };
 
 /* struct abuse_info - INFO: config.index in, everything else out. */
@@ -106,7 +122,8 @@ struct abuse_version {
 	__u32 version;			/* out: ABUSE_VERSION */
 	__u32 max_batch;		/* out: ABUSE_MAX_BATCH */
 	__u64 features;			/* out: ABUSE_F_* this module supports */
-	__u64 __reserved[2];		/* out: 0 */
+	__u64 xfer_features;		/* out: ABUSE_XFER_* it accepts (0 in v1) */
+	__u64 __reserved[1];		/* out: 0 */
 };
 
 /* abuse_request.op */
@@ -160,7 +177,8 @@ struct abuse_reply {
 #define ABUSE_XFER_NOWAIT		(1U << 0)	/* GET never blocks */
 #define ABUSE_XFER_TIMEOUT		(1U << 1)	/* GET waits @timeout_ms at most */
 #define ABUSE_XFER_MAPPED		(1U << 2)	/* @buffer maps the disk */
-#define ABUSE_XFER_ALL			0x7U
+#define ABUSE_XFER_TOKENS		(1U << 3)	/* fill @tokens */
+#define ABUSE_XFER_ALL			0xfU
 
 /*
  * struct abuse_xfer - argument of GET and PUT on an attached file.
@@ -185,6 +203,15 @@ struct abuse_reply {
  * same address.  One copy each way, none in the worker.  A GET needs
  * @buffer_size at least the disk's size, else -EINVAL (after a resize,
  * say: serve by copy then).
+ *
+ * With ABUSE_XFER_TOKENS, @tokens is the user address of a __u64 array
+ * of @max_requests entries, and GET stores in entry i the fencing token
+ * of descriptor i: a disk-wide number that grows at every hand-out, so
+ * a request handed out later (a requeued one included) always has a
+ * larger token.  A backend over a store with conditional writes keeps,
+ * per block, the largest token stored, and drops a write with a smaller
+ * one: that write is stale (its request was handed to another worker)
+ * or superseded by a later one.  Without the flag @tokens must be 0.
  */
 struct abuse_xfer {
 	__u64 replies;			/* in: user address of abuse_reply[] */
@@ -197,7 +224,8 @@ struct abuse_xfer {
 	__u32 nr_accepted;		/* out: replies with status 0 */
 	__u32 flags;			/* in: ABUSE_XFER_* */
 	__u32 timeout_ms;		/* in: with ABUSE_XFER_TIMEOUT, else 0 */
-	__u64 __reserved[2];		/* must be 0 */
+	__u64 tokens;			/* in: with ABUSE_XFER_TOKENS, else 0 */
+	__u64 __reserved[1];		/* must be 0 */
 };
 
 /*
@@ -207,7 +235,14 @@ struct abuse_xfer {
  *
  * Opening needs CAP_SYS_ADMIN; so do CREATE, DESTROY, SET_INFO, ATTACH
  * and RESET at every call (-EPERM).  An attached file handed to a process
- * without it can still GET, PUT, poll, INFO and VERSION.
+ * without it can still GET, PUT, poll, INFO and VERSION.  A file whose
+ * holder was fenced (ABUSE_F_FENCE) answers GET with -ESHUTDOWN.
+ *
+ * sysfs, readable by anyone: /sys/block/abuseN/abuse/ holds one file per
+ * counter of struct abuse_counters and per field of struct abuse_config
+ * (flags in hex), and "workers": the pids serving the disk, one per
+ * attached file (the process that last did a GET, else the one that
+ * attached), space-separated.
  */
 #define ABUSE_IOC_MAGIC			0xE4
 
