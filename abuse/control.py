@@ -40,6 +40,7 @@ COUNTER_FIELDS = (
     "attached",
     "bytes_read",
     "bytes_written",
+    "fenced",
 )
 
 
@@ -208,8 +209,18 @@ class Xfer:
         self.arg.requests = int(ffi.cast("uintptr_t", self.requests))
         self.arg.replies = int(ffi.cast("uintptr_t", self.replies))
         self.arg.max_requests = batch
+        self.limit = batch  # requests one exchange may fetch, 1..batch
+        self.tokens: Any = None
         self._mapped = 0
+        self._tokens = 0
         self.use_buffer(int(ffi.cast("uintptr_t", buffer)), buffer_size)
+
+    def use_tokens(self) -> None:
+        """Fetch each request's fencing token too, into ``tokens`` (ABUSE_XFER_TOKENS)."""
+        ffi = uapi.ffi
+        self.tokens = ffi.new("uint64_t[]", self.batch)
+        self.arg.tokens = int(ffi.cast("uintptr_t", self.tokens))
+        self._tokens = uapi.ABUSE_XFER_TOKENS
 
     def use_buffer(self, address: int, size: int, mapped: bool = False) -> None:
         """Take payloads in ``size`` bytes at ``address`` from the next call on.
@@ -231,15 +242,16 @@ class Xfer:
         """
         arg = self.arg
         arg.nr_replies = nr_replies
-        arg.max_requests = self.batch if fetch else 0
+        arg.max_requests = self.limit if fetch else 0
+        modes = self._mapped | self._tokens
         if not wait:
-            arg.flags = uapi.ABUSE_XFER_NOWAIT | self._mapped
+            arg.flags = uapi.ABUSE_XFER_NOWAIT | modes
             arg.timeout_ms = 0
         elif wait_ms is None:
-            arg.flags = self._mapped
+            arg.flags = modes
             arg.timeout_ms = 0
         else:
-            arg.flags = uapi.ABUSE_XFER_TIMEOUT | self._mapped
+            arg.flags = uapi.ABUSE_XFER_TIMEOUT | modes
             arg.timeout_ms = wait_ms
         if uapi.lib.ioctl(self._fd, self._put, arg) < 0:
             err = uapi.ffi.errno

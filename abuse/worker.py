@@ -18,6 +18,16 @@ is served in place instead (ABUSE_XFER_MAPPED): the kernel copies each
 write into the mapping at GET and each read out of it at PUT, and the
 worker only answers; if the disk outgrows the mapping, it goes back to
 the buffer.
+
+How many requests a worker takes at once adapts to its backend: a
+batch should take about ``BATCH_BUDGET_NS`` to serve, so a backend that
+waits (a network, a slow disk) takes one request at a time and leaves
+the rest to idle workers, which the kernel wakes when a queued request
+has waited too long, while a fast one takes up to ``batch``.
+
+A backend that sets ``wants_tokens`` gets each modifying request's
+fencing token (ABUSE_XFER_TOKENS) as a third argument of ``write``,
+``discard`` and ``write_zeroes``: see :class:`abuse.backends.base.Backend`.
 """
 
 from __future__ import annotations
@@ -26,7 +36,8 @@ import errno
 import logging
 import mmap
 import struct
-from typing import Callable
+import time
+from typing import Any, Callable
 
 from abuse import uapi
 from abuse.backends.base import Backend
@@ -48,6 +59,8 @@ _REPLY = struct.Struct(uapi.struct_format("abuse_reply"))  # handle data length 
 
 DEFAULT_BATCH = 64
 DEFAULT_BUFFER_BYTES = 8 << 20
+# How long one batch may keep its requests from idle workers.
+BATCH_BUDGET_NS = 1_000_000
 
 
 class Worker:
@@ -84,6 +97,12 @@ class Worker:
         if self.in_place:
             assert mapping is not None
             self._xfer.use_buffer(*mapping, mapped=True)
+        self._tokens: memoryview | None = None
+        if getattr(backend, "wants_tokens", False):
+            self._xfer.use_tokens()
+            self._tokens = memoryview(uapi.ffi.buffer(self._xfer.tokens)).cast("Q")
+        self._batch = batch
+        self._per_request_ns = 0  # moving average of a request's service time
 
     def serve(self, should_stop: Callable[[], bool] = lambda: False, idle_ms: int = 200) -> None:
         """Serve until ``should_stop()`` is true, then answer what is held.
@@ -114,7 +133,19 @@ class Worker:
             self.served += xfer.arg.nr_accepted
             if stopping:
                 return
-            answered = self._run_batch(got) if got else 0
+            if got:
+                started = time.monotonic_ns()
+                answered = self._run_batch(got)
+                self._adapt_batch(got, time.monotonic_ns() - started)
+            else:
+                answered = 0
+
+    def _adapt_batch(self, count: int, elapsed_ns: int) -> None:
+        """Take as many requests next time as fit in BATCH_BUDGET_NS."""
+        average = self._per_request_ns
+        average += (elapsed_ns // count - average) // 4
+        self._per_request_ns = average
+        self._xfer.limit = max(1, min(self._batch, BATCH_BUDGET_NS // max(average, 1)))
 
     def _outgrew_mapping(self) -> bool:
         """Whether the disk is now larger than the mapping served in place."""
@@ -140,6 +171,25 @@ class Worker:
             return _failure(err, op, offset, length)
         return 0
 
+    def _call_fenced(self, op: int, offset: int, at: int, length: int, token: int) -> int:
+        """A modifying request of a ``wants_tokens`` backend, with its token; 0 or -errno."""
+        backend: Any = self.backend
+        try:
+            if op == _WRITE:
+                if not self.in_place:
+                    backend.write(offset, self._view[at : at + length], token)
+            elif op == _DISCARD:
+                backend.discard(offset, length, token)
+            elif op == _WRITE_ZEROES:
+                backend.write_zeroes(offset, length, token)
+            elif op == _FLUSH:
+                backend.flush()
+            else:
+                return -errno.EOPNOTSUPP
+        except Exception as err:
+            return _failure(err, op, offset, length)
+        return 0
+
     def _run_batch(self, count: int) -> int:
         """Run the first ``count`` requests and fill their replies.
 
@@ -155,12 +205,15 @@ class Worker:
         base = self._base
         replies = self._replies
         pack_reply = _REPLY.pack_into
+        tokens = self._tokens
         at = 0
-        for handle, offset, data, length, op, flags in _REQUEST.iter_unpack(
-            self._requests[: count * _REQUEST.size]
+        for slot, (handle, offset, data, length, op, flags) in enumerate(
+            _REQUEST.iter_unpack(self._requests[: count * _REQUEST.size])
         ):
             result = 0
-            if op > _WRITE:
+            if tokens is not None and op != _READ:
+                result = self._call_fenced(op, offset, data - base, length, tokens[slot])
+            elif op > _WRITE:
                 result = call_backend(op, offset, length)
             elif not in_place:
                 try:

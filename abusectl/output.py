@@ -14,6 +14,7 @@ _FLAG_WORDS = (
     (uapi.ABUSE_F_DISCARD, "discard"),
     (uapi.ABUSE_F_WRITE_ZEROES, "write-zeroes"),
     (uapi.ABUSE_F_ROTATIONAL, "rotational"),
+    (uapi.ABUSE_F_FENCE, "fence"),
 )
 
 #: Header of ``abusectl status``; counters are named as in struct abuse_counters.

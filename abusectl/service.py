@@ -67,7 +67,10 @@ def reuse_or_create(control: Control, size: int, record: Path | None) -> DiskCon
         if config is not None:
             return config
     config = control.create(
-        size, flags=uapi.ABUSE_F_FLUSH, timeout_ms=CREATE_TIMEOUT_MS, retries=CREATE_RETRIES
+        size,
+        flags=uapi.ABUSE_F_FLUSH | uapi.ABUSE_F_FENCE,
+        timeout_ms=CREATE_TIMEOUT_MS,
+        retries=CREATE_RETRIES,
     )
     if record is not None:
         _write_record(record, config.path)

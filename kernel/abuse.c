@@ -19,11 +19,14 @@
 #include <linux/blk-mq.h>
 #include <linux/blkdev.h>
 #include <linux/highmem.h>
+#include <linux/hrtimer.h>
 #include <linux/idr.h>
 #include <linux/kref.h>
 #include <linux/miscdevice.h>
 #include <linux/mm.h>
+#include <linux/pid.h>
 #include <linux/poll.h>
+#include <linux/sched/clock.h>
 #include <linux/sched/signal.h>
 #include <linux/slab.h>
 #include <linux/uaccess.h>
@@ -35,8 +38,24 @@
 #define ABUSE_IDLE_TIMER	(30 * HZ)
 #define ABUSE_MAX_TIMEOUT_MS	(24U * 3600 * 1000)
 #define ABUSE_MAX_RETRIES	1000
-/* PUT reads replies in chunks this big onto the stack. */
+/* PUT reads replies, and GET takes requests, in chunks this big. */
 #define ABUSE_PUT_CHUNK		16
+#define ABUSE_GET_CHUNK		16
+/* A lazy wake-up never waits less than this for a busy worker. */
+#define ABUSE_WAKE_MIN_NS	(20 * NSEC_PER_USEC)
+
+/*
+ * Dispatch tuning (see "Dispatch" below); 0 turns each one off.  Read
+ * once per decision, so a change applies at once.
+ */
+static unsigned int wake_max_us = 2000;
+module_param(wake_max_us, uint, 0644);
+MODULE_PARM_DESC(wake_max_us,
+		 "Longest a queued request waits for a busy worker before an idle one is woken (us; 0: wake at once)");
+static unsigned int spin_max_us = 200;
+module_param(spin_max_us, uint, 0644);
+MODULE_PARM_DESC(spin_max_us,
+		 "Longest a GET polls for the next request before it sleeps (us; 0: never poll)");
 
 /*
  * Where a request is.  Only the holder of dev->lock moves a request
@@ -49,20 +68,53 @@ enum abuse_cmd_state {
 	ABUSE_CMD_BUSY,		/* a GET or PUT copies its data, lock dropped */
 };
 
-/* Per-request driver data (blk-mq pdu). */
+struct abuse_worker;
+
+/* Per-request driver data (blk-mq pdu).  Under dev->lock. */
 struct abuse_cmd {
 	struct list_head node;	/* on dev->queue while QUEUED */
-	struct file *holder;	/* IN_FLIGHT/BUSY: owner, compared, never used */
-	u32 gen;		/* handle generation, bumped at every hand-out */
+	struct abuse_worker *holder; /* IN_FLIGHT/BUSY: who has it */
+	u64 queued_ns;		/* QUEUED: when it (re)entered the queue */
+	unsigned long handed_out; /* IN_FLIGHT/BUSY: jiffies of the GET */
+	/* handle generation: bumped at hand-out, requeue and end */
+	u32 gen;
 	u32 timeouts;		/* timer expiries in this request's life */
 	u8 state;		/* enum abuse_cmd_state */
 	bool fail_pending;	/* BUSY: end with -EIO once the copy is done */
 };
 
+/* abuse_worker.flags */
+enum {
+	ABUSE_W_SERVING,	/* holds a batch, out of the driver */
+};
+
+/*
+ * struct abuse_worker - one attached file, as the driver sees a worker.
+ * Freed at the file's release, after its requests went back.
+ */
+struct abuse_worker {
+	struct abuse_device *dev;
+	struct list_head node;		/* on dev->workers; dev->lock */
+	/* tgid of the last GET, else of ATTACH; dev->lock (read unlocked
+	 * only to compare with the caller's)
+	 */
+	struct pid *owner;
+	struct pid *kill;		/* fenced, SIGKILL not yet sent; dev->lock */
+	bool fenced;			/* killed by the fence: no more GETs */
+	unsigned long flags;		/* ABUSE_W_*, atomic bitops */
+	u64 serving_since;		/* ns: the GET that gave it its batch */
+	/* EWMA of its waits for work (the polling budget); racy between
+	 * threads sharing the file: a hint
+	 */
+	u64 gap_ns;
+};
+
 /*
  * struct abuse_device - one /dev/abuseN.
  *
- * Lock order: abuse_ctl_mutex, then disk->open_mutex, then @lock.
+ * Lock order: abuse_ctl_mutex, then disk->open_mutex, then @lock, then
+ * the wait queues' own locks.  @lock is taken from the wake timer's
+ * hard interrupt, so always with interrupts off.
  * Lifetime: @kref has one reference for the gendisk (dropped by
  * ->free_disk) and one per attached file.  The tag set and @rqs live
  * until the last reference goes.
@@ -73,15 +125,64 @@ struct abuse_device {
 	struct kref kref;
 	wait_queue_head_t get_wait;	/* GET sleepers: exclusive, LIFO */
 	wait_queue_head_t poll_wait;	/* pollers */
+	struct hrtimer wake_timer;	/* the lazy wake-up, see abuse_enqueued */
+	atomic_t nr_serving;		/* workers with ABUSE_W_SERVING */
+	/* EWMA of a batch's time out of the driver; racy, a hint */
+	u64 cycle_ns;
 
 	spinlock_t lock;		/* protects all below and each abuse_cmd */
 	struct abuse_config config;	/* size and read-only change online */
 	struct abuse_counters stats;	/* queued/in_flight/attached: current */
 	struct list_head queue;		/* QUEUED requests, oldest first */
+	struct list_head workers;	/* attached files' abuse_worker */
 	struct request **rqs;		/* by tag: every request not IDLE */
 	u64 last_token;			/* fencing token of the last hand-out */
+	struct abuse_worker *spinner;	/* the one GET polling for work */
+	bool timer_armed;		/* wake_timer queued or running */
+	u64 lock_since, lock_ns, lock_taken;	/* lock_stats */
 	bool dead;			/* destroyed: fail everything */
 };
+
+/*
+ * Lock statistics for the scaling model (docs/SCALING.md): with the
+ * module parameter lock_stats on, the request path's critical sections
+ * on dev->lock are timed, and /sys/block/abuseN/abuse/lock_stats shows
+ * "<sections> <ns held>".  Off, it costs one read per section.
+ */
+static bool lock_stats;
+module_param(lock_stats, bool, 0644);
+MODULE_PARM_DESC(lock_stats, "Time the request path's hold of the disk lock (for docs/SCALING.md)");
+
+static void abuse_held_from(struct abuse_device *dev)
+	__must_hold(&dev->lock)
+{
+	dev->lock_since = READ_ONCE(lock_stats) ? local_clock() : 0;
+}
+
+static void abuse_held_until(struct abuse_device *dev)
+	__must_hold(&dev->lock)
+{
+	if (dev->lock_since) {
+		dev->lock_ns += local_clock() - dev->lock_since;
+		dev->lock_taken++;
+		dev->lock_since = 0;
+	}
+}
+
+/* dev->lock on the request path: GET and PUT. */
+static void abuse_lock(struct abuse_device *dev)
+	__acquires(&dev->lock)
+{
+	spin_lock_irq(&dev->lock);
+	abuse_held_from(dev);
+}
+
+static void abuse_unlock(struct abuse_device *dev)
+	__releases(&dev->lock)
+{
+	abuse_held_until(dev);
+	spin_unlock_irq(&dev->lock);
+}
 
 static DEFINE_MUTEX(abuse_ctl_mutex);	/* protects abuse_index_idr */
 static DEFINE_IDR(abuse_index_idr);
@@ -196,7 +297,8 @@ static void abuse_set_state(struct abuse_device *dev, struct request *rq,
 
 /*
  * Put @rq back on the queue with a new generation, so that a PUT from
- * its old holder is refused.  Must hold dev->lock.
+ * its old holder is refused.  Must hold dev->lock; the caller wakes a
+ * worker (abuse_wake) after unlocking.
  */
 static void abuse_requeue(struct abuse_device *dev, struct request *rq)
 	__must_hold(&dev->lock)
@@ -207,6 +309,7 @@ static void abuse_requeue(struct abuse_device *dev, struct request *rq)
 	cmd->gen++;
 	cmd->holder = NULL;
 	/* It was handed out before anything now queued: serve it first. */
+	cmd->queued_ns = ktime_get_ns();
 	list_add(&cmd->node, &dev->queue);
 	dev->stats.requeued++;
 }
@@ -223,6 +326,7 @@ static void abuse_retire(struct abuse_device *dev, struct request *rq,
 
 	abuse_set_state(dev, rq, ABUSE_CMD_IDLE);
 	cmd->gen++;
+	cmd->holder = NULL;
 	dev->rqs[rq->tag] = NULL;
 	dev->stats.completed++;
 	if (status != BLK_STS_OK)
@@ -245,13 +349,57 @@ static void abuse_end_list(struct list_head *done)
 }
 
 /*
- * Fail every request of @dev that matches: queued ones if @queued,
- * in-flight ones if @in_flight (only those of @holder unless NULL).
- * Requests being copied are failed by their copier.  Must hold dev->lock;
- * the caller ends @done after unlocking.
+ * Fence @w: mark it so that it gets no more requests, and leave it a
+ * SIGKILL for abuse_kill_fenced() to send once dev->lock is dropped.
+ * What it holds stays its own until its file is released: only then can
+ * nothing it was given be stored any more.  Must hold dev->lock.
+ */
+static void abuse_fence(struct abuse_device *dev, struct abuse_worker *w)
+	__must_hold(&dev->lock)
+{
+	if (w->fenced)
+		return;
+	w->fenced = true;
+	w->kill = get_pid(w->owner);
+	dev->stats.fenced++;
+}
+
+/* Send the SIGKILLs that abuse_fence() left.  Called without dev->lock. */
+static void abuse_kill_fenced(struct abuse_device *dev)
+{
+	for (;;) {
+		struct abuse_worker *w;
+		struct pid *pid = NULL;
+
+		spin_lock_irq(&dev->lock);
+		list_for_each_entry(w, &dev->workers, node) {
+			if (w->kill) {
+				pid = w->kill;
+				w->kill = NULL;
+				break;
+			}
+		}
+		spin_unlock_irq(&dev->lock);
+		if (!pid)
+			return;
+		dev_warn_ratelimited(disk_to_dev(dev->disk),
+				     "fencing worker pid %d: it held a request past the timeout or a reset; killed, its requests wait for its exit\n",
+				     pid_vnr(pid));
+		kill_pid(pid, SIGKILL, 1);
+		put_pid(pid);
+	}
+}
+
+/*
+ * Fail every request of @dev, queued or in flight, onto @done.  Those
+ * being copied (BUSY) are failed by their copier when it relocks.  If
+ * @fence (RESET with ABUSE_F_FENCE; not DESTROY, whose workers end on
+ * their own) their holders are fenced too: a write that ended with -EIO
+ * must not land later over a newer one.  Must hold dev->lock; the
+ * caller ends @done and calls abuse_kill_fenced() after unlocking.
  */
 static void abuse_fail_requests(struct abuse_device *dev,
-				struct list_head *done)
+				struct list_head *done, bool fence)
 	__must_hold(&dev->lock)
 {
 	unsigned int tag;
@@ -263,6 +411,8 @@ static void abuse_fail_requests(struct abuse_device *dev,
 		if (!rq)
 			continue;
 		cmd = abuse_cmd(rq);
+		if (fence && cmd->holder)
+			abuse_fence(dev, cmd->holder);
 		if (cmd->state == ABUSE_CMD_BUSY) {
 			cmd->fail_pending = true;
 			continue;
@@ -277,7 +427,7 @@ static void abuse_fail_requests(struct abuse_device *dev,
  * Must hold dev->lock.  Returns how many went back.
  */
 static unsigned int abuse_requeue_in_flight(struct abuse_device *dev,
-					    struct file *holder)
+					    struct abuse_worker *holder)
 	__must_hold(&dev->lock)
 {
 	unsigned int tag, count = 0;
@@ -295,6 +445,150 @@ static unsigned int abuse_requeue_in_flight(struct abuse_device *dev,
 	return count;
 }
 
+/*
+ * RESET without ABUSE_RESET_FAIL: take every in-flight request from its
+ * holder.  Without ABUSE_F_FENCE they are requeued now; with it their
+ * holders are fenced, and each goes back when its holder's file is
+ * released.  Must hold dev->lock.  Returns how many were requeued.
+ */
+static unsigned int abuse_reclaim_in_flight(struct abuse_device *dev)
+	__must_hold(&dev->lock)
+{
+	unsigned int tag;
+
+	if (!(dev->config.flags & ABUSE_F_FENCE))
+		return abuse_requeue_in_flight(dev, NULL);
+	for (tag = 0; tag < dev->config.queue_depth; tag++) {
+		struct request *rq = dev->rqs[tag];
+
+		if (rq && abuse_cmd(rq)->holder)
+			abuse_fence(dev, abuse_cmd(rq)->holder);
+	}
+	return 0;
+}
+
+/* ---------------------------------------------------------------------
+ * Dispatch: who is woken for a queued request, and when.
+ *
+ * GET sleepers wait exclusively, the last to sleep first (LIFO), so one
+ * warm worker takes the requests while the others sleep on.  Waking a
+ * second worker for every request while the first is busy with a batch
+ * split the batches and made two workers slower than one, so:
+ *
+ *  - while a worker is polling in GET (abuse_spin_for_work), nobody is
+ *    woken: it takes the request at once;
+ *  - while some worker holds a batch (ABUSE_W_SERVING: it will come
+ *    back with PUT+GET), the wake-up is lazy: the wake timer wakes one
+ *    sleeper per request that has waited longer than the bound, twice
+ *    the usual time a batch spends out of the driver (cycle_ns), within
+ *    [ABUSE_WAKE_MIN_NS, wake_max_us].  So idle workers sleep while the
+ *    busy one keeps up, and one is woken within the bound when it does
+ *    not (it is stopped, or its backend is slow, or the queue grows);
+ *  - otherwise one sleeper is woken at once.
+ */
+
+/* The lazy wake-up's bound, in ns; 0 when the module parameter is 0. */
+static u64 abuse_wake_bound(struct abuse_device *dev)
+{
+	u64 max = (u64)READ_ONCE(wake_max_us) * NSEC_PER_USEC;
+
+	return clamp_t(u64, 2 * READ_ONCE(dev->cycle_ns), ABUSE_WAKE_MIN_NS,
+		       max_t(u64, max, ABUSE_WAKE_MIN_NS)) * !!max;
+}
+
+/* @nr requests (re)entered the queue: wake as many GET sleepers, and pollers. */
+static void abuse_wake(struct abuse_device *dev, unsigned int nr)
+{
+	wake_up_nr(&dev->get_wait, nr);
+	if (wq_has_sleeper(&dev->poll_wait))
+		wake_up(&dev->poll_wait);
+}
+
+/*
+ * A request was queued: decide how its worker is found (see above).
+ * Must hold dev->lock.  Returns true if the caller must wake a sleeper
+ * at once after unlocking.
+ */
+static bool abuse_enqueued(struct abuse_device *dev)
+	__must_hold(&dev->lock)
+{
+	u64 bound;
+
+	if (dev->spinner)
+		return false;
+	if (!atomic_read(&dev->nr_serving))
+		return true;
+	bound = abuse_wake_bound(dev);
+	if (!bound)
+		return true;
+	if (!dev->timer_armed) {
+		struct abuse_cmd *head = list_first_entry(&dev->queue,
+							  struct abuse_cmd,
+							  node);
+
+		dev->timer_armed = true;
+		hrtimer_start(&dev->wake_timer,
+			      ns_to_ktime(head->queued_ns + bound),
+			      HRTIMER_MODE_ABS);
+	}
+	return false;
+}
+
+/*
+ * The lazy wake-up: wake one GET sleeper per request queued for longer
+ * than the bound, and come back when the oldest one left reaches it.
+ */
+static enum hrtimer_restart abuse_wake_timer_fn(struct hrtimer *timer)
+{
+	struct abuse_device *dev = container_of(timer, struct abuse_device,
+						wake_timer);
+	enum hrtimer_restart ret = HRTIMER_NORESTART;
+	u64 now = ktime_get_ns(), bound = abuse_wake_bound(dev);
+	unsigned int late = 0;
+	struct abuse_cmd *cmd;
+	unsigned long flags;
+	u64 next = 0;
+
+	spin_lock_irqsave(&dev->lock, flags);
+	list_for_each_entry(cmd, &dev->queue, node) {
+		if (now - cmd->queued_ns < bound) {
+			next = cmd->queued_ns + bound;
+			break;
+		}
+		late++;
+	}
+	if (late && !next)
+		next = now + bound;	/* look again if they are still here */
+	if (next && !dev->dead) {
+		hrtimer_set_expires(timer, ns_to_ktime(next));
+		ret = HRTIMER_RESTART;
+	} else {
+		dev->timer_armed = false;
+	}
+	spin_unlock_irqrestore(&dev->lock, flags);
+
+	if (late)
+		abuse_wake(dev, late);
+	return ret;
+}
+
+/* @w took a batch (true) or came back for more (false). */
+static void abuse_set_serving(struct abuse_device *dev,
+			      struct abuse_worker *w, bool serving)
+{
+	if (serving) {
+		w->serving_since = ktime_get_ns();
+		if (!test_and_set_bit(ABUSE_W_SERVING, &w->flags))
+			atomic_inc(&dev->nr_serving);
+	} else if (test_and_clear_bit(ABUSE_W_SERVING, &w->flags)) {
+		u64 cycle = ktime_get_ns() - w->serving_since;
+		u64 avg = READ_ONCE(dev->cycle_ns);
+
+		atomic_dec(&dev->nr_serving);
+		WRITE_ONCE(dev->cycle_ns, avg - avg / 8 + cycle / 8);
+	}
+}
+
 /* ---------------------------------------------------------------------
  * blk-mq side
  */
@@ -306,6 +600,7 @@ static blk_status_t abuse_queue_rq(struct blk_mq_hw_ctx *hctx,
 	struct request *rq = bd->rq;
 	struct abuse_cmd *cmd = abuse_cmd(rq);
 	unsigned long flags;
+	bool wake;
 
 	switch (req_op(rq)) {
 	case REQ_OP_READ:
@@ -321,48 +616,52 @@ static blk_status_t abuse_queue_rq(struct blk_mq_hw_ctx *hctx,
 	blk_mq_start_request(rq);
 
 	spin_lock_irqsave(&dev->lock, flags);
+	abuse_held_from(dev);
 	if (dev->dead) {
+		abuse_held_until(dev);
 		spin_unlock_irqrestore(&dev->lock, flags);
 		return BLK_STS_IOERR;
 	}
 	cmd->holder = NULL;
 	cmd->timeouts = 0;
 	cmd->fail_pending = false;
+	cmd->queued_ns = ktime_get_ns();
 	dev->rqs[rq->tag] = rq;
 	abuse_set_state(dev, rq, ABUSE_CMD_QUEUED);
 	list_add_tail(&cmd->node, &dev->queue);
+	wake = abuse_enqueued(dev);
+	abuse_held_until(dev);
 	spin_unlock_irqrestore(&dev->lock, flags);
 
 	/*
 	 * Wakes one GET sleeper, and every poller.  Sync: the submitter
 	 * usually sleeps next, so the worker may run on this CPU instead of
-	 * waking another one.
+	 * waking another one.  wq_has_sleeper() pairs with the barrier in
+	 * abuse_ctl_poll().
 	 */
-	wake_up_interruptible_sync(&dev->get_wait);
+	if (wake)
+		wake_up_interruptible_sync(&dev->get_wait);
 	if (wq_has_sleeper(&dev->poll_wait))
 		wake_up_interruptible(&dev->poll_wait);
 	return BLK_STS_OK;
 }
 
-/* @nr requests (re)entered the queue: wake as many GET sleepers, and pollers. */
-static void abuse_wake(struct abuse_device *dev, unsigned int nr)
-{
-	wake_up_nr(&dev->get_wait, nr);
-	wake_up(&dev->poll_wait);
-}
-
 /*
- * Timer expiry.  A queued or in-flight request is requeued up to
- * config.retries times, then failed, so a disk with no worker still
- * answers in bounded time.  With timeout 0 the timer only rearms.
+ * Timer expiry.  A request queued, or held since its GET, past the
+ * timeout is requeued up to config.retries times, then failed, so a
+ * disk with no worker still answers in bounded time.  With
+ * ABUSE_F_FENCE a held one is not requeued: its holder is fenced, and
+ * the request waits for the holder's file to be released.  With
+ * timeout 0 the timer only rearms.
  */
 static enum blk_eh_timer_return abuse_timeout(struct request *rq)
 {
 	struct abuse_device *dev = rq->q->queuedata;
 	struct abuse_cmd *cmd = abuse_cmd(rq);
 	enum blk_eh_timer_return ret = BLK_EH_RESET_TIMER;
-	bool requeued = false, failed = false;
-	unsigned long flags;
+	bool requeued = false, failed = false, fenced = false;
+	unsigned long flags, held_for;
+	u32 timeouts = 0;
 
 	spin_lock_irqsave(&dev->lock, flags);
 	if (!dev->config.timeout_ms || dev->rqs[rq->tag] != rq ||
@@ -370,8 +669,23 @@ static enum blk_eh_timer_return abuse_timeout(struct request *rq)
 	     cmd->state != ABUSE_CMD_IN_FLIGHT))
 		goto out_unlock;
 
+	/*
+	 * The block layer's clock started at queue_rq; a worker gets the
+	 * whole timeout from its GET (the timer rearms for another one).
+	 */
+	held_for = jiffies - cmd->handed_out;
+	if (cmd->state == ABUSE_CMD_IN_FLIGHT &&
+	    held_for < msecs_to_jiffies(dev->config.timeout_ms))
+		goto out_unlock;
+
 	dev->stats.timeouts++;
-	if (++cmd->timeouts > dev->config.retries) {
+	timeouts = ++cmd->timeouts;
+	if (cmd->state == ABUSE_CMD_IN_FLIGHT &&
+	    dev->config.flags & ABUSE_F_FENCE) {
+		/* Never failed while its holder lives: it might still store. */
+		abuse_fence(dev, cmd->holder);
+		fenced = true;
+	} else if (timeouts > dev->config.retries) {
 		abuse_retire(dev, rq, BLK_STS_IOERR);
 		failed = true;
 	} else if (cmd->state == ABUSE_CMD_IN_FLIGHT) {
@@ -382,10 +696,17 @@ out_unlock:
 	spin_unlock_irqrestore(&dev->lock, flags);
 
 	if (failed) {
+		dev_err_ratelimited(disk_to_dev(dev->disk),
+				    "%s of %u bytes at %llu failed after %u timeouts: no worker answered\n",
+				    blk_op_str(req_op(rq)), blk_rq_bytes(rq),
+				    (u64)blk_rq_pos(rq) << SECTOR_SHIFT,
+				    timeouts);
 		blk_mq_end_request(rq, BLK_STS_IOERR);
 		ret = BLK_EH_DONE;
 	} else if (requeued) {
 		abuse_wake(dev, 1);
+	} else if (fenced) {
+		abuse_kill_fenced(dev);
 	}
 	return ret;
 }
@@ -423,6 +744,7 @@ static void abuse_dev_release(struct kref *kref)
 	struct abuse_device *dev = container_of(kref, struct abuse_device,
 						kref);
 
+	hrtimer_cancel(&dev->wake_timer);
 	blk_mq_free_tag_set(&dev->tag_set);
 	kfree(dev->rqs);
 	kfree(dev);
@@ -466,6 +788,61 @@ ABUSE_COUNTER_ATTR(rejected);
 ABUSE_COUNTER_ATTR(attached);
 ABUSE_COUNTER_ATTR(bytes_read);
 ABUSE_COUNTER_ATTR(bytes_written);
+ABUSE_COUNTER_ATTR(fenced);
+
+/* /sys/block/abuseN/abuse/<config field>: what the disk is, for anyone. */
+#define ABUSE_CONFIG_ATTR(name, fmt)					\
+static ssize_t name##_show(struct device *d,				\
+			   struct device_attribute *attr, char *buf)	\
+{									\
+	struct abuse_device *dev = dev_to_disk(d)->private_data;	\
+	u64 val;							\
+									\
+	spin_lock_irq(&dev->lock);					\
+	val = dev->config.name;						\
+	spin_unlock_irq(&dev->lock);					\
+	return sysfs_emit(buf, fmt "\n", val);				\
+}									\
+static DEVICE_ATTR_RO(name)
+
+ABUSE_CONFIG_ATTR(block_size, "%llu");
+ABUSE_CONFIG_ATTR(size, "%llu");
+ABUSE_CONFIG_ATTR(flags, "0x%llx");
+ABUSE_CONFIG_ATTR(queue_depth, "%llu");
+ABUSE_CONFIG_ATTR(max_request_bytes, "%llu");
+ABUSE_CONFIG_ATTR(timeout_ms, "%llu");
+ABUSE_CONFIG_ATTR(retries, "%llu");
+
+/* The pids serving the disk: one per attached file, see abuse.h. */
+static ssize_t workers_show(struct device *d, struct device_attribute *attr,
+			    char *buf)
+{
+	struct abuse_device *dev = dev_to_disk(d)->private_data;
+	struct abuse_worker *w;
+	int len = 0;
+
+	spin_lock_irq(&dev->lock);
+	list_for_each_entry(w, &dev->workers, node)
+		len += sysfs_emit_at(buf, len, "%s%d", len ? " " : "",
+				     pid_vnr(w->owner));
+	spin_unlock_irq(&dev->lock);
+	return len + sysfs_emit_at(buf, len, "\n");
+}
+static DEVICE_ATTR_RO(workers);
+
+static ssize_t lock_stats_show(struct device *d, struct device_attribute *attr,
+			       char *buf)
+{
+	struct abuse_device *dev = dev_to_disk(d)->private_data;
+	u64 taken, ns;
+
+	spin_lock_irq(&dev->lock);
+	taken = dev->lock_taken;
+	ns = dev->lock_ns;
+	spin_unlock_irq(&dev->lock);
+	return sysfs_emit(buf, "%llu %llu\n", taken, ns);
+}
+static DEVICE_ATTR_RO(lock_stats);
 
 static struct attribute *abuse_disk_attrs[] = {
 	&dev_attr_queued.attr,
@@ -478,6 +855,16 @@ static struct attribute *abuse_disk_attrs[] = {
 	&dev_attr_attached.attr,
 	&dev_attr_bytes_read.attr,
 	&dev_attr_bytes_written.attr,
+	&dev_attr_fenced.attr,
+	&dev_attr_block_size.attr,
+	&dev_attr_size.attr,
+	&dev_attr_flags.attr,
+	&dev_attr_queue_depth.attr,
+	&dev_attr_max_request_bytes.attr,
+	&dev_attr_timeout_ms.attr,
+	&dev_attr_retries.attr,
+	&dev_attr_workers.attr,
+	&dev_attr_lock_stats.attr,
 	NULL,
 };
 
@@ -637,93 +1024,199 @@ static u64 abuse_buffer_need(struct request *rq)
 }
 
 /*
- * Hand out one queued request into @x's buffer at *@used.  Returns 1 if
- * it was delivered, 0 if the queue is empty or the request does not fit,
- * -EAGAIN if it was failed while being copied, or a negative errno.
- * May sleep (copies).
+ * Hand out up to ABUSE_GET_CHUNK queued requests into @x from slot *@n,
+ * taking dev->lock twice for all of them: once to take them from the
+ * queue, once to mark them in flight after their payloads were copied.
+ * Returns how many were delivered (*@n grows by as many), 0 if nothing
+ * is queued or fits, -EAGAIN if all it took were failed meanwhile (by
+ * RESET or DESTROY: try again), or a negative errno if it delivered
+ * none.  May sleep (copies).
  */
-static int abuse_get_one(struct abuse_device *dev, struct file *file,
-			 struct abuse_xfer *x, u32 slot, u64 *used)
+static int abuse_get_chunk(struct abuse_device *dev, struct abuse_worker *w,
+			   struct abuse_xfer *x, u32 *n, u64 *used)
 {
 	struct abuse_request __user *udesc = u64_to_user_ptr(x->requests);
 	u64 __user *utokens = u64_to_user_ptr(x->tokens);
-	struct abuse_request desc;
-	struct abuse_cmd *cmd;
-	struct request *rq;
-	u64 need, data, token;
-	int err = 0;
+	u32 want = min_t(u32, x->max_requests - *n, ABUSE_GET_CHUNK);
+	struct abuse_request descs[ABUSE_GET_CHUNK];
+	struct request *rqs[ABUSE_GET_CHUNK];
+	u64 tokens[ABUSE_GET_CHUNK];
+	int errs[ABUSE_GET_CHUNK];
+	u32 i, taken = 0, delivered = 0, requeued = 0;
+	bool failed_some = false;
+	LIST_HEAD(failed);
+	int ret = 0;
 
-	spin_lock_irq(&dev->lock);
-	if (dev->dead) {
-		spin_unlock_irq(&dev->lock);
-		return -ENODEV;
-	}
-	cmd = list_first_entry_or_null(&dev->queue, struct abuse_cmd, node);
-	if (!cmd) {
-		spin_unlock_irq(&dev->lock);
-		return 0;
-	}
-	rq = blk_mq_rq_from_pdu(cmd);
-	need = abuse_buffer_need(rq);
-	if (x->flags & ABUSE_XFER_MAPPED) {
-		/*
-		 * In place, for reads and writes (a flush has no position).
-		 * Out of range only if the check at entry raced with a grow.
-		 */
-		u64 pos = (u64)blk_rq_pos(rq) << SECTOR_SHIFT;
+	abuse_lock(dev);
+	if (dev->dead)
+		ret = -ENODEV;
+	else if (w->fenced)
+		ret = -ESHUTDOWN;
+	while (!ret && taken < want) {
+		struct abuse_cmd *cmd;
+		struct request *rq;
+		u64 need, data;
 
-		if (need && (pos > x->buffer_size ||
-			     blk_rq_bytes(rq) > x->buffer_size - pos)) {
-			spin_unlock_irq(&dev->lock);
-			return slot ? 0 : -ENOBUFS;
+		cmd = list_first_entry_or_null(&dev->queue, struct abuse_cmd,
+					       node);
+		if (!cmd)
+			break;
+		rq = blk_mq_rq_from_pdu(cmd);
+		need = abuse_buffer_need(rq);
+		if (x->flags & ABUSE_XFER_MAPPED) {
+			/*
+			 * In place, for reads and writes (a flush has no
+			 * position).  Out of range only if the check at
+			 * entry raced with a grow.
+			 */
+			u64 pos = (u64)blk_rq_pos(rq) << SECTOR_SHIFT;
+
+			if (need && (pos > x->buffer_size ||
+				     blk_rq_bytes(rq) > x->buffer_size - pos)) {
+				ret = *n + taken ? 0 : -ENOBUFS;
+				break;
+			}
+			data = need ? x->buffer + pos : 0;
+			need = 0;
+		} else {
+			if (need > x->buffer_size - *used) {
+				ret = *n + taken ? 0 : -ENOBUFS;
+				break;
+			}
+			data = need ? x->buffer + *used : 0;
 		}
-		data = need ? x->buffer + pos : 0;
-		need = 0;
-	} else {
-		if (need > x->buffer_size - *used) {
-			spin_unlock_irq(&dev->lock);
-			return slot ? 0 : -ENOBUFS;
+		abuse_set_state(dev, rq, ABUSE_CMD_BUSY);
+		cmd->gen++;
+		cmd->holder = w;
+		cmd->handed_out = jiffies;
+		tokens[taken] = ++dev->last_token;
+		abuse_describe(rq, data, &descs[taken]);
+		*used += need;
+		rqs[taken++] = rq;
+	}
+	abuse_unlock(dev);
+	if (!taken)
+		return ret;
+
+	/* Each write's payload, from the request into the worker's memory. */
+	for (i = 0; i < taken; i++) {
+		errs[i] = 0;
+		if (req_op(rqs[i]) == REQ_OP_WRITE)
+			errs[i] = abuse_copy_rq(rqs[i], descs[i].data, true);
+	}
+
+	ret = 0;
+	abuse_lock(dev);
+	for (i = 0; i < taken; i++) {
+		struct abuse_cmd *cmd = abuse_cmd(rqs[i]);
+
+		if (cmd->fail_pending) {
+			abuse_retire(dev, rqs[i], BLK_STS_IOERR);
+			list_add_tail(&cmd->node, &failed);
+			failed_some = true;
+		} else if (errs[i] || ret) {
+			/* From the first fault on, the batch ends there. */
+			abuse_requeue(dev, rqs[i]);
+			requeued++;
+			ret = ret ?: errs[i];
+		} else {
+			abuse_set_state(dev, rqs[i], ABUSE_CMD_IN_FLIGHT);
+			rqs[delivered] = rqs[i];
+			descs[delivered] = descs[i];
+			tokens[delivered] = tokens[i];
+			delivered++;
 		}
-		data = need ? x->buffer + *used : 0;
 	}
-	abuse_set_state(dev, rq, ABUSE_CMD_BUSY);
-	cmd->gen++;
-	cmd->holder = file;
-	token = ++dev->last_token;
-	spin_unlock_irq(&dev->lock);
+	abuse_unlock(dev);
+	abuse_end_list(&failed);
+	if (requeued)
+		abuse_wake(dev, requeued);
 
-	abuse_describe(rq, data, &desc);
-	if (req_op(rq) == REQ_OP_WRITE)
-		err = abuse_copy_rq(rq, data, true);
-	if (!err && copy_to_user(&udesc[slot], &desc, sizeof(desc)))
-		err = -EFAULT;
-	if (!err && x->flags & ABUSE_XFER_TOKENS &&
-	    put_user(token, &utokens[slot]))
-		err = -EFAULT;
+	/* Tell the worker; a worker that cannot be told gets nothing. */
+	if (delivered &&
+	    (copy_to_user(&udesc[*n], descs, delivered * sizeof(descs[0])) ||
+	     (x->flags & ABUSE_XFER_TOKENS &&
+	      copy_to_user(&utokens[*n], tokens,
+			   delivered * sizeof(tokens[0]))))) {
+		requeued = 0;
+		abuse_lock(dev);
+		for (i = 0; i < delivered; i++) {
+			struct abuse_cmd *cmd = abuse_cmd(rqs[i]);
 
-	spin_lock_irq(&dev->lock);
-	if (cmd->fail_pending) {
-		abuse_retire(dev, rq, BLK_STS_IOERR);
-		spin_unlock_irq(&dev->lock);
-		blk_mq_end_request(rq, BLK_STS_IOERR);
-		/* Failed by RESET or DESTROY meanwhile: try the next one. */
-		return -EAGAIN;
+			/* Unless a timeout or RESET took it meanwhile. */
+			if (cmd->state == ABUSE_CMD_IN_FLIGHT &&
+			    cmd->holder == w &&
+			    cmd->gen == upper_32_bits(descs[i].handle)) {
+				abuse_requeue(dev, rqs[i]);
+				requeued++;
+			}
+		}
+		abuse_unlock(dev);
+		if (requeued)
+			abuse_wake(dev, requeued);
+		return -EFAULT;
 	}
-	if (err) {
-		abuse_requeue(dev, rq);
-		spin_unlock_irq(&dev->lock);
-		abuse_wake(dev, 1);
-		return err;
-	}
-	abuse_set_state(dev, rq, ABUSE_CMD_IN_FLIGHT);
-	spin_unlock_irq(&dev->lock);
-	*used += need;
-	return 1;
+	*n += delivered;
+	if (delivered)
+		return delivered;
+	if (ret)
+		return ret;
+	return failed_some ? -EAGAIN : 0;
 }
 
 static bool abuse_has_work(struct abuse_device *dev)
 {
 	return READ_ONCE(dev->stats.queued) || READ_ONCE(dev->dead);
+}
+
+/*
+ * Hybrid polling: before a GET sleeps, poll for the next request for a
+ * while, since at low queue depth it usually comes a few microseconds
+ * after the previous answer, and a sleep and wake-up cost more than
+ * that.  The budget is twice this worker's recent waits (gap_ns), at
+ * most spin_max_us, and nothing once they average more than that, so a
+ * disk that goes idle stops polling on its own; one poller per disk,
+ * and never past need_resched() or a signal.
+ * Returns true if work came.
+ */
+static bool abuse_spin_for_work(struct abuse_device *dev,
+				struct abuse_worker *w)
+{
+	u64 max = (u64)READ_ONCE(spin_max_us) * NSEC_PER_USEC;
+	u64 gap = READ_ONCE(w->gap_ns);
+	u64 budget = min_t(u64, 2 * gap, max);
+	u64 start, now;
+	bool found;
+
+	/* Work usually comes later than we may poll: do not poll at all. */
+	if (!budget || gap > max)
+		return false;
+	spin_lock_irq(&dev->lock);
+	if (dev->spinner) {
+		spin_unlock_irq(&dev->lock);
+		return false;
+	}
+	dev->spinner = w;
+	spin_unlock_irq(&dev->lock);
+
+	start = ktime_get_ns();
+	do {
+		if (abuse_has_work(dev))
+			break;
+		cpu_relax();
+		now = ktime_get_ns();
+	} while (now - start < budget && !need_resched() &&
+		 !signal_pending(current));
+
+	/*
+	 * queue_rq woke nobody while we polled: look once more under the
+	 * lock, after which it wakes sleepers again.
+	 */
+	spin_lock_irq(&dev->lock);
+	dev->spinner = NULL;
+	found = dev->stats.queued || dev->dead;
+	spin_unlock_irq(&dev->lock);
+	return found;
 }
 
 /*
@@ -733,7 +1226,7 @@ static bool abuse_has_work(struct abuse_device *dev)
  * the next request, and the others sleep on while it keeps up (FIFO
  * passed each request of a QD1 stream to the other worker of two, which
  * halved the IOPS).  Returns the jiffies left (0 once timed out) or
- * -EINTR.  May sleep.
+ * -ERESTARTSYS.  May sleep.
  */
 static long abuse_wait_work(struct abuse_device *dev, long timeout)
 {
@@ -749,7 +1242,7 @@ static long abuse_wait_work(struct abuse_device *dev, long timeout)
 		if (abuse_has_work(dev) || !timeout)
 			break;
 		if (signal_pending(current)) {
-			timeout = -EINTR;
+			timeout = -ERESTARTSYS;
 			break;
 		}
 		timeout = schedule_timeout(timeout);
@@ -758,17 +1251,28 @@ static long abuse_wait_work(struct abuse_device *dev, long timeout)
 	return timeout;
 }
 
+/* Fold one wait for work, @ns long, into @w's polling budget. */
+static void abuse_note_gap(struct abuse_worker *w, u64 ns)
+{
+	u64 cap = 4ULL * READ_ONCE(spin_max_us) * NSEC_PER_USEC;
+	u64 avg = READ_ONCE(w->gap_ns);
+
+	WRITE_ONCE(w->gap_ns, avg - avg / 8 + min(ns, cap) / 8);
+}
+
 /*
  * The GET half: fill up to x->max_requests descriptors.  Blocks while
  * nothing is queued unless ABUSE_XFER_NOWAIT, or for x->timeout_ms at
  * most with ABUSE_XFER_TIMEOUT.  An error after the first descriptor
  * ends the batch early instead; the caller gets what it has.
  */
-static int abuse_get(struct abuse_device *dev, struct file *file,
+static int abuse_get(struct abuse_device *dev, struct abuse_worker *w,
 		     struct abuse_xfer *x)
 {
+	struct pid *me = task_tgid(current);
 	long wait = MAX_SCHEDULE_TIMEOUT;
-	u64 used = 0;
+	u64 used = 0, waiting = 0;
+	bool leftover;
 	u32 n = 0;
 	int ret = 0;
 
@@ -777,91 +1281,174 @@ static int abuse_get(struct abuse_device *dev, struct file *file,
 	else if (x->flags & ABUSE_XFER_TIMEOUT)
 		wait = msecs_to_jiffies(x->timeout_ms);
 
+	/* The fence kills whoever GETs on this file last. */
+	if (x->max_requests && READ_ONCE(w->owner) != me) {
+		struct pid *old;
+
+		spin_lock_irq(&dev->lock);
+		old = w->owner;
+		w->owner = get_pid(me);
+		spin_unlock_irq(&dev->lock);
+		put_pid(old);
+	}
+
 	x->nr_requests = 0;
 	while (x->max_requests) {
 		while (n < x->max_requests) {
-			ret = abuse_get_one(dev, file, x, n, &used);
+			ret = abuse_get_chunk(dev, w, x, &n, &used);
 			if (ret == -EAGAIN)
 				continue;
 			if (ret <= 0)
 				break;
-			n++;
 		}
 		if (n || ret < 0 || !wait)
 			break;
+		if (!waiting)
+			waiting = ktime_get_ns();
+		if (abuse_spin_for_work(dev, w))
+			continue;
 		wait = abuse_wait_work(dev, wait);
 		if (wait < 0) {
 			ret = wait;
 			break;
 		}
 	}
-	/* Pass the wake-up on if we leave work behind. */
-	if (READ_ONCE(dev->stats.queued))
+	if (waiting)
+		abuse_note_gap(w, ktime_get_ns() - waiting);
+	if (n)
+		abuse_set_serving(dev, w, true);
+
+	/*
+	 * Work left behind: pass the wake-up on, lazily if we now hold a
+	 * batch (abuse_enqueued), since we may well take it ourselves.
+	 */
+	spin_lock_irq(&dev->lock);
+	leftover = dev->stats.queued && abuse_enqueued(dev);
+	spin_unlock_irq(&dev->lock);
+	if (leftover)
 		abuse_wake(dev, 1);
 
 	x->nr_requests = n;
 	return n ? 0 : ret;
 }
 
-/* Answer one request.  Returns the entry's status, see abuse_reply. */
-static int abuse_put_one(struct abuse_device *dev, struct file *file,
-			 const struct abuse_reply *reply)
+/* Check @reply's own fields; 0 and its status in *@status, or -EINVAL. */
+static int abuse_check_reply(const struct abuse_reply *reply,
+			     blk_status_t *status)
 {
-	u32 tag = lower_32_bits(reply->handle);
-	u32 gen = upper_32_bits(reply->handle);
-	blk_status_t status;
-	struct abuse_cmd *cmd;
-	struct request *rq;
-	int err = 0;
-
 	if (reply->__reserved || reply->result > 0 ||
 	    reply->result < -MAX_ERRNO)
 		return -EINVAL;
-	status = errno_to_blk_status(reply->result);
+	*status = errno_to_blk_status(reply->result);
+	return 0;
+}
 
-	spin_lock_irq(&dev->lock);
-	rq = tag < dev->config.queue_depth ? dev->rqs[tag] : NULL;
-	cmd = rq ? abuse_cmd(rq) : NULL;
-	if (!rq || cmd->state != ABUSE_CMD_IN_FLIGHT || cmd->gen != gen) {
-		err = -ESTALE;
-	} else if (reply->length != blk_rq_bytes(rq)) {
-		err = -EINVAL;
-	} else if (req_op(rq) != REQ_OP_READ || status != BLK_STS_OK) {
-		abuse_retire(dev, rq, status);
-		spin_unlock_irq(&dev->lock);
-		blk_mq_end_request(rq, status);
-		return 0;
-	}
-	if (err) {
-		spin_unlock_irq(&dev->lock);
-		return err;
-	}
-	abuse_set_state(dev, rq, ABUSE_CMD_BUSY);
-	spin_unlock_irq(&dev->lock);
+/*
+ * Answer the @count replies of @chunk, each with its own status (see
+ * abuse_reply), taking dev->lock twice for all of them: once to check
+ * each and end those with nothing to copy, once after copying the reads'
+ * data in.  Returns how many were accepted.  May sleep (copies).
+ */
+static u32 abuse_put_chunk(struct abuse_device *dev, struct abuse_worker *w,
+			   struct abuse_reply *chunk, u32 count)
+{
+	struct request *rqs[ABUSE_PUT_CHUNK];
+	blk_status_t sts[ABUSE_PUT_CHUNK];
+	bool copy[ABUSE_PUT_CHUNK];
+	u32 i, accepted = 0, rejected = 0;
+	bool copies = false;
 
-	err = abuse_copy_rq(rq, reply->data, false);
+	for (i = 0; i < count; i++) {
+		rqs[i] = NULL;
+		copy[i] = false;
+		chunk[i].status = abuse_check_reply(&chunk[i], &sts[i]);
+	}
 
-	spin_lock_irq(&dev->lock);
-	if (!cmd->fail_pending && err) {
-		/* Keep it; this (live) file may PUT it again. */
-		abuse_set_state(dev, rq, ABUSE_CMD_IN_FLIGHT);
-		cmd->holder = file;
-		spin_unlock_irq(&dev->lock);
-		return err;
+	abuse_lock(dev);
+	for (i = 0; i < count; i++) {
+		u32 tag = lower_32_bits(chunk[i].handle);
+		struct request *rq;
+		struct abuse_cmd *cmd;
+
+		if (chunk[i].status) {
+			rejected++;
+			continue;
+		}
+		rq = tag < dev->config.queue_depth ? dev->rqs[tag] : NULL;
+		cmd = rq ? abuse_cmd(rq) : NULL;
+		if (!rq || cmd->state != ABUSE_CMD_IN_FLIGHT ||
+		    cmd->gen != upper_32_bits(chunk[i].handle)) {
+			chunk[i].status = -ESTALE;
+			rejected++;
+		} else if (chunk[i].length != blk_rq_bytes(rq)) {
+			chunk[i].status = -EINVAL;
+			rejected++;
+		} else if (req_op(rq) == REQ_OP_READ && sts[i] == BLK_STS_OK) {
+			abuse_set_state(dev, rq, ABUSE_CMD_BUSY);
+			rqs[i] = rq;
+			copy[i] = true;
+			copies = true;
+		} else {
+			abuse_retire(dev, rq, sts[i]);
+			rqs[i] = rq;
+		}
 	}
-	if (cmd->fail_pending) {
-		/* Failed by RESET or DESTROY meanwhile: the answer is late. */
-		status = BLK_STS_IOERR;
-		err = -ESTALE;
+	dev->stats.rejected += rejected;
+	abuse_unlock(dev);
+
+	for (i = 0; i < count; i++) {
+		if (rqs[i] && !copy[i]) {
+			blk_mq_end_request(rqs[i], sts[i]);
+			accepted++;
+		}
 	}
-	abuse_retire(dev, rq, status);
-	spin_unlock_irq(&dev->lock);
-	blk_mq_end_request(rq, status);
-	return err;
+	if (!copies)
+		return accepted;
+
+	/* A read's data, from the worker's memory into the request. */
+	for (i = 0; i < count; i++)
+		if (copy[i])
+			chunk[i].status = abuse_copy_rq(rqs[i], chunk[i].data,
+							false);
+
+	rejected = 0;
+	abuse_lock(dev);
+	for (i = 0; i < count; i++) {
+		struct abuse_cmd *cmd;
+
+		if (!copy[i])
+			continue;
+		cmd = abuse_cmd(rqs[i]);
+		if (!cmd->fail_pending && chunk[i].status) {
+			/* Keep it; this (live) file may PUT it again. */
+			abuse_set_state(dev, rqs[i], ABUSE_CMD_IN_FLIGHT);
+			cmd->holder = w;
+			copy[i] = false;
+			rejected++;
+			continue;
+		}
+		if (cmd->fail_pending) {
+			/* Failed by RESET or DESTROY meanwhile: the answer is late. */
+			sts[i] = BLK_STS_IOERR;
+			chunk[i].status = -ESTALE;
+			rejected++;
+		}
+		abuse_retire(dev, rqs[i], sts[i]);
+	}
+	dev->stats.rejected += rejected;
+	abuse_unlock(dev);
+
+	for (i = 0; i < count; i++) {
+		if (copy[i]) {
+			blk_mq_end_request(rqs[i], sts[i]);
+			accepted += !chunk[i].status;
+		}
+	}
+	return accepted;
 }
 
 /* The PUT half: answer x->nr_replies entries, each with its own status. */
-static int abuse_put(struct abuse_device *dev, struct file *file,
+static int abuse_put(struct abuse_device *dev, struct abuse_worker *w,
 		     struct abuse_xfer *x)
 {
 	struct abuse_reply __user *ureply = u64_to_user_ptr(x->replies);
@@ -874,19 +1461,11 @@ static int abuse_put(struct abuse_device *dev, struct file *file,
 		if (copy_from_user(chunk, &ureply[done],
 				   count * sizeof(chunk[0])))
 			return -EFAULT;
-		for (i = 0; i < count; i++) {
-			chunk[i].status = abuse_put_one(dev, file, &chunk[i]);
-			if (!chunk[i].status) {
-				x->nr_accepted++;
-			} else {
-				spin_lock_irq(&dev->lock);
-				dev->stats.rejected++;
-				spin_unlock_irq(&dev->lock);
-			}
+		x->nr_accepted += abuse_put_chunk(dev, w, chunk, count);
+		for (i = 0; i < count; i++)
 			if (put_user(chunk[i].status,
 				     &ureply[done + i].status))
 				return -EFAULT;
-		}
 	}
 	return 0;
 }
@@ -967,7 +1546,11 @@ static int abuse_ctl_create(struct abuse_config *cfg)
 	spin_lock_init(&dev->lock);
 	init_waitqueue_head(&dev->get_wait);
 	init_waitqueue_head(&dev->poll_wait);
+	hrtimer_init(&dev->wake_timer, CLOCK_MONOTONIC, HRTIMER_MODE_ABS);
+	dev->wake_timer.function = abuse_wake_timer_fn;
+	atomic_set(&dev->nr_serving, 0);
 	INIT_LIST_HEAD(&dev->queue);
+	INIT_LIST_HEAD(&dev->workers);
 	dev->config = *cfg;
 
 	dev->tag_set.ops = &abuse_mq_ops;
@@ -1035,13 +1618,20 @@ out_free_dev:
 /* Tear down @dev, failing whatever it still holds.  Under the ctl mutex. */
 static void abuse_remove(struct abuse_device *dev)
 {
+	unsigned int pending;
 	LIST_HEAD(done);
 
 	lockdep_assert_held(&abuse_ctl_mutex);
 	spin_lock_irq(&dev->lock);
-	abuse_fail_requests(dev, &done);
+	pending = dev->stats.queued + dev->stats.in_flight;
+	abuse_fail_requests(dev, &done, false);
 	spin_unlock_irq(&dev->lock);
+	if (pending)
+		dev_warn_ratelimited(disk_to_dev(dev->disk),
+				     "destroyed with %u requests pending: failed with EIO\n",
+				     pending);
 	abuse_end_list(&done);
+	hrtimer_cancel(&dev->wake_timer);
 	wake_up_all(&dev->get_wait);
 	wake_up_all(&dev->poll_wait);
 
@@ -1150,6 +1740,7 @@ static int abuse_ctl_attach(struct file *file,
 			    const struct abuse_target *target)
 {
 	struct abuse_device *dev;
+	struct abuse_worker *w;
 	int ret = 0;
 
 	if (target->flags ||
@@ -1157,24 +1748,36 @@ static int abuse_ctl_attach(struct file *file,
 				 ARRAY_SIZE(target->__reserved)))
 		return -EINVAL;
 
+	w = kzalloc(sizeof(*w), GFP_KERNEL);
+	if (!w)
+		return -ENOMEM;
+	INIT_LIST_HEAD(&w->node);
+	w->owner = get_pid(task_tgid(current));
+
 	mutex_lock(&abuse_ctl_mutex);
 	dev = abuse_find(target->index);
 	if (!dev) {
 		ret = -ENODEV;
 		goto out_unlock;
 	}
-	kref_get(&dev->kref);
+	w->dev = dev;
 	/* A file serves one disk for its whole life. */
-	if (cmpxchg(&file->private_data, NULL, dev)) {
-		kref_put(&dev->kref, abuse_dev_release);
+	if (cmpxchg(&file->private_data, NULL, w)) {
 		ret = -EBUSY;
 		goto out_unlock;
 	}
+	kref_get(&dev->kref);
 	spin_lock_irq(&dev->lock);
+	list_add_tail(&w->node, &dev->workers);
 	dev->stats.attached++;
 	spin_unlock_irq(&dev->lock);
+	w = NULL;
 out_unlock:
 	mutex_unlock(&abuse_ctl_mutex);
+	if (w) {
+		put_pid(w->owner);
+		kfree(w);
+	}
 	return ret;
 }
 
@@ -1197,11 +1800,13 @@ static int abuse_ctl_reset(const struct abuse_target *target)
 	}
 	spin_lock_irq(&dev->lock);
 	if (target->flags & ABUSE_RESET_FAIL)
-		abuse_fail_requests(dev, &done);
+		abuse_fail_requests(dev, &done,
+				    dev->config.flags & ABUSE_F_FENCE);
 	else
-		requeued = abuse_requeue_in_flight(dev, NULL);
+		requeued = abuse_reclaim_in_flight(dev);
 	spin_unlock_irq(&dev->lock);
 	abuse_end_list(&done);
+	abuse_kill_fenced(dev);
 	if (requeued)
 		abuse_wake(dev, requeued);
 	mutex_unlock(&abuse_ctl_mutex);
@@ -1218,19 +1823,21 @@ static int abuse_ctl_version(struct abuse_version *version)
 	return 0;
 }
 
-/* The disk this file is attached to, or NULL. */
-static struct abuse_device *abuse_file_dev(struct file *file)
+/* The worker this file is, once attached, or NULL. */
+static struct abuse_worker *abuse_file_worker(struct file *file)
 {
 	return READ_ONCE(file->private_data);
 }
 
 static int abuse_ctl_xfer(struct file *file, struct abuse_xfer *x, bool put)
 {
-	struct abuse_device *dev = abuse_file_dev(file);
+	struct abuse_worker *w = abuse_file_worker(file);
+	struct abuse_device *dev;
 	int ret;
 
-	if (!dev)
+	if (!w)
 		return -EBADFD;
+	dev = w->dev;
 	if (x->flags & ~ABUSE_XFER_ALL ||
 	    (x->flags & ABUSE_XFER_NOWAIT && x->flags & ABUSE_XFER_TIMEOUT) ||
 	    (!(x->flags & ABUSE_XFER_TIMEOUT) && x->timeout_ms) ||
@@ -1245,7 +1852,11 @@ static int abuse_ctl_xfer(struct file *file, struct abuse_xfer *x, bool put)
 	 */
 	if (x->max_requests && x->buffer_size > U64_MAX - x->buffer)
 		return -EINVAL;
-	/* Mapped, every offset of the disk must fall inside the buffer. */
+	/*
+	 * Mapped, every offset of the disk must fall inside the buffer.
+	 * The size is read without the lock: a resize racing with this
+	 * check is caught again per request in abuse_get_chunk().
+	 */
 	if (x->max_requests && x->flags & ABUSE_XFER_MAPPED &&
 	    x->buffer_size < READ_ONCE(dev->config.size))
 		return -EINVAL;
@@ -1255,16 +1866,24 @@ static int abuse_ctl_xfer(struct file *file, struct abuse_xfer *x, bool put)
 	if (READ_ONCE(dev->dead))
 		return -ENODEV;
 
+	/* Back from its batch: it no longer counts as busy (dispatch). */
+	abuse_set_serving(dev, w, false);
 	x->nr_requests = 0;
 	x->nr_accepted = 0;
 	if (put) {
-		ret = abuse_put(dev, file, x);
+		ret = abuse_put(dev, w, x);
 		if (ret)
 			return ret;
 	}
-	ret = abuse_get(dev, file, x);
-	/* The answers are in: a PUT reports them even if its GET failed. */
-	return put && (ret == -EINTR || ret == -ENOBUFS) ? 0 : ret;
+	ret = abuse_get(dev, w, x);
+	/*
+	 * The answers are in: a PUT that answered any reports them even if
+	 * its GET failed, and must not be restarted (they would be sent
+	 * twice).  One that answered none is restarted like a GET.
+	 */
+	if (put && (ret == -ENOBUFS || (ret == -ERESTARTSYS && x->nr_replies)))
+		return 0;
+	return ret;
 }
 
 /*
@@ -1366,11 +1985,18 @@ static long abuse_ctl_ioctl(struct file *file, unsigned int cmd,
 
 static __poll_t abuse_ctl_poll(struct file *file, poll_table *wait)
 {
-	struct abuse_device *dev = abuse_file_dev(file);
+	struct abuse_worker *w = abuse_file_worker(file);
+	struct abuse_device *dev;
 
-	if (!dev)
+	if (!w)
 		return EPOLLERR;
+	dev = w->dev;
 	poll_wait(file, &dev->poll_wait, wait);
+	/*
+	 * Pairs with wq_has_sleeper() in queue_rq and abuse_wake(): either
+	 * they see us on poll_wait, or we see their queued count.
+	 */
+	smp_mb();
 	if (READ_ONCE(dev->dead))
 		return EPOLLHUP;
 	return READ_ONCE(dev->stats.queued) ? EPOLLIN | EPOLLRDNORM : 0;
@@ -1385,20 +2011,33 @@ static int abuse_ctl_open(struct inode *inode, struct file *file)
 	return nonseekable_open(inode, file);
 }
 
-/* A closing worker's requests go back to the queue for the next one. */
+/*
+ * A closing worker's requests go back to the queue for the next one.
+ * For a fenced worker this is the moment the fence waited for: the
+ * file's last user is gone, so nothing it was given can be stored.
+ */
 static int abuse_ctl_release(struct inode *inode, struct file *file)
 {
-	struct abuse_device *dev = abuse_file_dev(file);
+	struct abuse_worker *w = abuse_file_worker(file);
+	struct abuse_device *dev;
 	unsigned int requeued;
+	struct pid *kill;
 
-	if (!dev)
+	if (!w)
 		return 0;
+	dev = w->dev;
+	abuse_set_serving(dev, w, false);
 	spin_lock_irq(&dev->lock);
-	requeued = abuse_requeue_in_flight(dev, file);
+	requeued = abuse_requeue_in_flight(dev, w);
+	list_del(&w->node);
+	kill = w->kill;
 	dev->stats.attached--;
 	spin_unlock_irq(&dev->lock);
 	if (requeued)
 		abuse_wake(dev, requeued);
+	put_pid(kill);
+	put_pid(w->owner);
+	kfree(w);
 	kref_put(&dev->kref, abuse_dev_release);
 	return 0;
 }

@@ -192,7 +192,11 @@ struct abuse_reply {
  * in which case it returns so after @timeout_ms without a request.  One
  * blocked GET is woken per queued request, the one that blocked last
  * first (so one busy worker keeps its requests and the others sleep).
- * A request larger than @buffer_size is never handed out: -ENOBUFS.  A
+ * A signal ends a blocked GET with -ERESTARTSYS: it is restarted for a
+ * handler with SA_RESTART, else fails with -EINTR; a PUT that answered
+ * replies before its GET half was interrupted returns 0 instead, with
+ * @nr_requests 0.  A request larger than @buffer_size is never handed
+ * out: -ENOBUFS.  A
  * buffer whose end, @buffer + @buffer_size, does not fit in 64 bits is
  * refused: -EINVAL.
  *

@@ -301,7 +301,7 @@ def test_create(capsys: pytest.CaptureFixture[str], control: FakeControl) -> Non
         {
             "size": 10 * G,
             "block_size": 4096,
-            "flags": uapi.ABUSE_F_FLUSH,
+            "flags": uapi.ABUSE_F_FLUSH | uapi.ABUSE_F_FENCE,
             "queue_depth": 0,
             "max_request_bytes": 0,
             "timeout_ms": 30000,
@@ -311,7 +311,17 @@ def test_create(capsys: pytest.CaptureFixture[str], control: FakeControl) -> Non
 
 
 def test_create_options(capsys: pytest.CaptureFixture[str], control: FakeControl) -> None:
-    argv = ["create", "--size", "64M", "--block-size", "512", "--read-only", "--no-flush", "--discard"]
+    argv = [
+        "create",
+        "--size",
+        "64M",
+        "--block-size",
+        "512",
+        "--read-only",
+        "--no-flush",
+        "--discard",
+        "--no-fence",
+    ]
     argv += ["--timeout", "0.5", "--retries", "0", "--queue-depth", "32", "--max-request", "256K"]
     code, out, err = run(capsys, *argv)
     assert code == 0
@@ -545,7 +555,7 @@ def test_serve_create_records_the_new_disk(
     assert code == 0, err
     assert control.calls[0] == (
         "create",
-        {"size": G, "flags": uapi.ABUSE_F_FLUSH, "timeout_ms": 30000, "retries": 3},
+        {"size": G, "flags": uapi.ABUSE_F_FLUSH | uapi.ABUSE_F_FENCE, "timeout_ms": 30000, "retries": 3},
     )
     assert record.read_text() == "/dev/abuse2\n"
     assert pool.made[0].index == 2

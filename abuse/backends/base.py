@@ -21,6 +21,15 @@ class Backend:
     can_discard = False
     can_write_zeroes = False
 
+    # Fencing tokens: when true, ``write``, ``discard`` and ``write_zeroes``
+    # are called with a third argument, ``token``: a number that grows with
+    # every hand-out of a request by the kernel (ABUSE_XFER_TOKENS).  A store
+    # with conditional writes keeps, per block, the largest token it has
+    # stored and drops a change with a smaller one: that change is stale (its
+    # request was timed out and handed to another worker) or superseded by a
+    # later one.  See examples/fenced_store.py.
+    wants_tokens = False
+
     size: int = 0
 
     def read(self, offset: int, buf: memoryview) -> None:

@@ -44,6 +44,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=True,
         help="volatile write cache: pass FLUSH and FUA to the workers (default on)",
     )
+    parser.add_argument(
+        "--fence",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="kill a worker that holds a request past the timeout or a reset, and requeue "
+        "its requests only once it is dead, so it can never store a stale write (default on)",
+    )
     parser.add_argument("--discard", action="store_true", help="pass DISCARD requests to the workers")
     parser.add_argument(
         "--write-zeroes", action="store_true", help="pass WRITE_ZEROES requests to the workers"
@@ -73,6 +80,7 @@ def flags_of(args: argparse.Namespace) -> int:
         (args.discard, uapi.ABUSE_F_DISCARD),
         (args.write_zeroes, uapi.ABUSE_F_WRITE_ZEROES),
         (args.rotational, uapi.ABUSE_F_ROTATIONAL),
+        (args.fence, uapi.ABUSE_F_FENCE),
     )
     flags = 0
     for on, bit in chosen:

@@ -159,5 +159,5 @@ def asleep_in_driver(task: str) -> bool:
             state = f.read().rsplit(")", 1)[1].split()[0]
         with open(f"{task}/wchan") as f:
             return state == "S" and f.read().startswith("abuse")
-    except FileNotFoundError:  # the task is gone
+    except (FileNotFoundError, ProcessLookupError):  # the task is gone
         return False

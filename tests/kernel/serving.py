@@ -63,6 +63,9 @@ def worker_pids(serve: subprocess.Popen[str]) -> list[int]:
 
 
 def stop_pool(serve: subprocess.Popen[str]) -> str:
+    """Stop the pool (SIGCONT its workers first); its output, once."""
+    if serve.stdout is None or serve.stdout.closed:
+        return ""
     if serve.poll() is None:
         for pid in worker_pids(serve):
             try:

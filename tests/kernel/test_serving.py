@@ -110,20 +110,29 @@ def test_kill_9_workers_during_fio_verify() -> None:
 
 
 def test_reset_while_workers_are_stopped() -> None:
+    """Reset fences the stopped workers that hold requests (the disk's default).
+
+    They are killed, the pool replaces them, and the writer's requests
+    are served by the new workers; a stopped worker that held nothing is
+    left alone and continued.
+    """
     with served_disk("64M", "memory", 2) as (dev, serve):
         pids = worker_pids(serve)
+        for pid in pids:
+            os.kill(pid, signal.SIGSTOP)
         writer = subprocess.Popen(
             ["dd", "if=/dev/urandom", f"of={dev}", "bs=64k", "count=64", "oflag=direct"],
             stderr=subprocess.PIPE,
             text=True,
         )
-        for pid in pids:
-            os.kill(pid, signal.SIGSTOP)
-        time.sleep(1)
+        counters = Path(f"/sys/block/{Path(dev).name}/abuse")
+        wait_for(lambda: int((counters / "queued").read_text()) > 0)
         abusectl("reset", dev)
         for pid in pids:
-            os.kill(pid, signal.SIGCONT)
-        os.kill(pids[0], signal.SIGKILL)  # and a fresh worker takes its place
+            try:
+                os.kill(pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass  # fenced
         assert writer.wait(timeout=120) == 0, writer.stderr.read() if writer.stderr else ""
         wait_for(lambda: len(worker_pids(serve)) == 2)
 

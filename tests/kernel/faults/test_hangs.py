@@ -24,7 +24,8 @@ def test_stopped_worker_loses_its_requests_and_its_late_puts(rng: random.Random)
     the driver refuses them (the "rejected" counter) and the data written
     by the worker that really finished them stands (fio verifies it).
     """
-    with served_disk("128M", "memory", 2, "--timeout", str(TIMEOUT), "--retries", "10") as (dev, serve):
+    create = ("--timeout", str(TIMEOUT), "--retries", "10", "--no-fence")  # fenced: test_fencing
+    with served_disk("128M", "memory", 2, *create) as (dev, serve):
         job = start_fio_verify(dev, 90, size="64M", iodepth=32)
         stops = 0
         # A stop only counts if the victim held a batch; stop until one did.

@@ -1,0 +1,102 @@
+"""The dispatch probe behind docs/SCALING.md, run in the guest.
+
+For 1, 2 and 4 memory workers, and for the old dispatch (a GET sleeper
+woken for every request, no polling: module parameters wake_max_us=0,
+spin_max_us=0) beside the new one (lazy, bounded wake-ups and polling),
+it runs fio jobs and reads, with the module parameter lock_stats on, how
+many critical sections on the disk's lock the request path took and how
+long it held the lock, plus the CPU time of the workers and of the
+whole guest per request.  Writes OUT/lock-probe.txt and .json.
+
+    scripts/vm-run --script bench/guest-bench --module bench.lock_probe
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from bench.guest import abuse_disk, fio, prefill
+from bench.jobs import Job
+
+PARAMS = Path("/sys/module/abuse/parameters")
+MODES = {
+    "old": {"wake_max_us": "0", "spin_max_us": "0"},
+    "new": {"wake_max_us": "2000", "spin_max_us": "200"},
+}
+JOBS = (
+    Job("randread-4k-qd32", "randread", "4k", 32),
+    Job("randwrite-4k-qd32", "randwrite", "4k", 32),
+    Job("randread-4k-qd128", "randread", "4k", 128),
+    Job("randread-4k-qd1", "randread", "4k", 1),
+)
+
+
+def _set(params: dict[str, str]) -> None:
+    for name, value in params.items():
+        (PARAMS / name).write_text(value)
+
+
+def _lock_stats(path: str) -> tuple[int, int]:
+    taken, ns = Path(f"/sys/block/{Path(path).name}/abuse/lock_stats").read_text().split()
+    return int(taken), int(ns)
+
+
+def _line(row: dict[str, Any]) -> str:
+    return (
+        f"{row['mode']:4} {row['workers']:7} {row['job']:20} {row['iops']:8.0f}"
+        f" {row['sections_per_request']:13.2f} {row['ns_per_section']:11.0f}"
+        f" {row['lock_ns_per_request']:12.0f} {row['worker_us_per_request']:14.1f}"
+        f" {row['guest_us_per_request']:13.1f}"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--runtime", type=int, default=8)
+    parser.add_argument("--size", type=int, default=256 << 20)
+    parser.add_argument("--workers", default="1,2,4")
+    args, _ = parser.parse_known_args(argv)
+    (PARAMS / "lock_stats").write_text("1")
+    rows: list[dict[str, Any]] = []
+    lines = [
+        "mode workers job                    IOPS  sections/req  ns/section  lock-ns/req"
+        "  worker-us/req  guest-us/req"
+    ]
+    for workers in map(int, args.workers.split(",")):
+        with abuse_disk(args.size, "memory", workers, 64) as device:
+            prefill(device)
+            for mode, params in MODES.items():
+                _set(params)
+                for job in JOBS:
+                    taken0, ns0 = _lock_stats(device.path)
+                    result = fio(device, job, args.runtime)
+                    taken1, ns1 = _lock_stats(device.path)
+                    side = result["fio"]["jobs"][0]["read" if "read" in job.rw else "write"]
+                    ios = max(int(side["total_ios"]), 1)
+                    row = {
+                        "mode": mode,
+                        "workers": workers,
+                        "job": job.name,
+                        "iops": float(side["iops"]),
+                        "sections_per_request": (taken1 - taken0) / ios,
+                        "ns_per_section": (ns1 - ns0) / max(taken1 - taken0, 1),
+                        "lock_ns_per_request": (ns1 - ns0) / ios,
+                        "worker_us_per_request": result["server_cpu_s"] * 1e6 / ios,
+                        "guest_us_per_request": result["guest_busy_cpu_s"] * 1e6 / ios,
+                    }
+                    rows.append(row)
+                    lines.append(_line(row))
+                    print(lines[-1], flush=True)
+    _set(MODES["new"])
+    (PARAMS / "lock_stats").write_text("0")
+    args.out.joinpath("lock-probe.txt").write_text("\n".join(lines) + "\n")
+    args.out.joinpath("lock-probe.json").write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,380 @@
+"""Dispatch and fencing in the driver, driven by hand.
+
+Lazy wake-ups: while one worker holds a batch, new requests are left to
+it for a bounded time; a holder that never comes back (stopped, or slow)
+must not strand them until the request timeout.  Fencing
+(ABUSE_F_FENCE): a holder that times out or is reset is killed, and its
+requests move on only once it is dead.  Fencing tokens grow with every
+hand-out.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import select
+import signal
+import threading
+from pathlib import Path
+
+import pytest
+
+from abuse import uapi
+from abuse.control import Control
+from tests.kernel.blockio import Background, direct_read, direct_write, pattern
+from tests.kernel.conftest import Disks, asleep_in_driver, wait_for
+from tests.kernel.raw import RawWorker, Request, expect_errno, raw_errno
+
+ffi = uapi.ffi
+PAGE = 4096
+LONG_TIMEOUT_MS = 120_000  # far longer than any wake bound: a timeout here means a stranded request
+
+
+def _counters(index: int) -> dict[str, int]:
+    root = Path(f"/sys/block/abuse{index}/abuse")
+    return {
+        name: int(root.joinpath(name).read_text()) for name in ("timeouts", "requeued", "fenced", "rejected")
+    }
+
+
+def _blocking_get(worker: RawWorker) -> Background:
+    """A GET with no timeout in a thread; returns its requests."""
+    return Background(lambda: worker.get(wait=True))
+
+
+def _asleep(job: Background) -> bool:
+    return asleep_in_driver(f"/proc/self/task/{job.tid}")
+
+
+def test_a_holder_that_never_returns_does_not_strand_new_requests(disks: Disks) -> None:
+    """One worker holds a batch and stops; the next request reaches the other one.
+
+    While a worker holds a batch the driver does not wake a sleeper for a
+    new request at once (the holder will take it with its next PUT+GET);
+    the wake timer wakes one once the request has waited the bound.  The
+    request completes with no timeout counted: the bound, not the 120 s
+    timeout, got it served.
+    """
+    config = disks.create(16 * PAGE, timeout_ms=LONG_TIMEOUT_MS)
+    dev = f"/dev/abuse{config.index}"
+    holder, other = RawWorker(config.index), RawWorker(config.index)
+    try:
+        first = Background(lambda: direct_read(dev, 0, PAGE))
+        held = holder.get(wait=True)
+        assert len(held) == 1
+        # The holder now "stops": it keeps its batch and never calls again.
+        get = _blocking_get(other)
+        wait_for(lambda: _asleep(get))
+        second = Background(lambda: direct_write(dev, PAGE, pattern(1, PAGE)))
+        got = get.join(timeout=LONG_TIMEOUT_MS / 1000).result
+        assert [(r.offset, r.op) for r in got] == [(PAGE, uapi.ABUSE_OP_WRITE)]
+        assert other.put([other.answer(got[0])]) == [0]
+        second.join()
+        assert _counters(config.index)["timeouts"] == 0
+        assert holder.put([holder.answer(held[0])]) == [0]
+        first.join()
+    finally:
+        holder.close()
+        other.close()
+
+
+def _serve_in_thread(worker: RawWorker, stop: threading.Event) -> threading.Thread:
+    """Answer every request at once (reads with zeroes) until ``stop``."""
+
+    def loop() -> None:
+        while not stop.is_set():
+            for request in worker.get(wait=True, wait_ms=50):
+                worker.put([worker.answer(request)])
+
+    thread = threading.Thread(target=loop, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_a_stopped_holder_and_a_second_process_io(disks: Disks) -> None:
+    """The acceptance case: one of two workers holds a batch and stops; I/O goes on.
+
+    The second worker serves in a thread (a blocking GET with a short idle
+    wait); a second process's write completes with no request timeout.
+    """
+    config = disks.create(16 * PAGE, timeout_ms=LONG_TIMEOUT_MS)
+    dev = f"/dev/abuse{config.index}"
+    holder, other = RawWorker(config.index), RawWorker(config.index)
+    stop = threading.Event()
+    try:
+        first = Background(lambda: direct_read(dev, 0, PAGE))
+        held = holder.get(wait=True)
+        assert len(held) == 1
+        thread = _serve_in_thread(other, stop)
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                direct_write(dev, 2 * PAGE, pattern(2, PAGE))
+                code = 0
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert _counters(config.index)["timeouts"] == 0
+        stop.set()
+        thread.join(timeout=30)
+        assert holder.put([holder.answer(held[0])]) == [0]
+        first.join()
+    finally:
+        stop.set()
+        holder.close()
+        other.close()
+
+
+def test_tokens_grow_with_every_hand_out_and_requeue(disks: Disks) -> None:
+    """ABUSE_XFER_TOKENS: a requeued request comes back with a larger token."""
+    config = disks.create(16 * PAGE)
+    dev = f"/dev/abuse{config.index}"
+    worker = RawWorker(config.index)
+    try:
+        worker.xfer.use_tokens()
+        io = Background(lambda: direct_write(dev, 0, pattern(3, PAGE)))
+        first = worker.get(wait=True)
+        token1 = int(worker.xfer.tokens[0])
+        disks.control.reset(config.index)  # not fenced: requeued now
+        again = worker.get(wait=True)
+        token2 = int(worker.xfer.tokens[0])
+        assert again[0].offset == first[0].offset
+        assert token2 > token1 > 0
+        assert worker.put([worker.answer(again[0])]) == [0]
+        io.join()
+        io2 = Background(lambda: direct_write(dev, PAGE, pattern(4, PAGE)))
+        later = worker.get(wait=True)
+        assert int(worker.xfer.tokens[0]) > token2
+        assert worker.put([worker.answer(later[0])]) == [0]
+        io2.join()
+    finally:
+        worker.close()
+
+
+def test_tokens_bad_input(disks: Disks) -> None:
+    """A token address without the flag is EINVAL; an unwritable one EFAULT, nothing lost."""
+    config = disks.create(16 * PAGE)
+    dev = f"/dev/abuse{config.index}"
+    worker = RawWorker(config.index)
+    put = uapi.ioctls["ABUSE_IOC_PUT"]
+    get = uapi.ioctls["ABUSE_IOC_GET"]
+    try:
+        arg = worker.xfer.arg
+        arg.tokens = int(ffi.cast("uintptr_t", worker.xfer.requests))
+        arg.flags = uapi.ABUSE_XFER_NOWAIT
+        expect_errno(raw_errno(worker.control.fileno(), get, arg), errno.EINVAL)
+        io = Background(lambda: direct_write(dev, 0, pattern(5, PAGE)))
+        arg.flags = uapi.ABUSE_XFER_TOKENS
+        arg.tokens = 8  # below mmap_min_addr: nothing is mapped there
+        expect_errno(raw_errno(worker.control.fileno(), put, arg), errno.EFAULT)
+        # The request went back to the queue: a correct GET takes it.
+        arg.tokens = 0
+        worker.xfer.use_tokens()
+        got = worker.get(wait=True)
+        assert len(got) == 1
+        assert worker.put([worker.answer(got[0])]) == [0]
+        io.join()
+    finally:
+        worker.close()
+
+
+def test_version_reports_every_flag(control: Control) -> None:
+    ver = ffi.new("struct abuse_version *")
+    control.ioctl("VERSION", ver)
+    assert ver.version >= 2
+    assert ver.features == uapi.ABUSE_F_ALL
+    assert ver.features & uapi.ABUSE_F_FENCE
+    assert ver.xfer_features == uapi.ABUSE_XFER_ALL
+
+
+def test_create_refuses_a_flag_past_fence(control: Control) -> None:
+    with pytest.raises(Exception) as err:
+        control.create(1 << 20, flags=uapi.ABUSE_F_ALL + 1)
+    assert getattr(err.value, "errno", None) == errno.EINVAL
+
+
+# --- fencing ---------------------------------------------------------------
+
+
+def _holder_child(index: int, ready_w: int) -> int:
+    """Fork a process that attaches, takes one request, says so and then hangs."""
+    pid = os.fork()
+    if pid:
+        return pid
+    code = 1
+    try:
+        worker = RawWorker(index)
+        got = worker.get(wait=True)
+        os.write(ready_w, bytes([len(got)]))
+        while True:
+            signal.pause()  # wedged: never answers
+    finally:
+        os._exit(code)
+
+
+def _read_byte(fd: int, timeout: float = 180) -> int:
+    ready, _, _ = select.select([fd], [], [], timeout)
+    assert ready, "the child did not take its request"
+    return os.read(fd, 1)[0]
+
+
+@pytest.mark.parametrize("how", ["timeout", "reset"])
+def test_fence_kills_the_holder_before_its_request_moves_on(disks: Disks, how: str) -> None:
+    """ABUSE_F_FENCE: a timed-out or reset request waits for its holder's death.
+
+    The holder is another process, wedged after its GET.  The driver kills
+    it (SIGKILL), and only its exit releases the request to the other
+    worker, whose GET therefore returns after the holder is dead.
+    """
+    timeout_ms = 1000 if how == "timeout" else LONG_TIMEOUT_MS
+    # Retries count the queued time too: generous, for a slow guest.
+    config = disks.create(16 * PAGE, flags=uapi.ABUSE_F_FENCE, timeout_ms=timeout_ms, retries=100)
+    dev = f"/dev/abuse{config.index}"
+    read_fd, write_fd = os.pipe()
+    child = _holder_child(config.index, write_fd)
+    other = RawWorker(config.index)
+    try:
+        io = Background(lambda: direct_write(dev, 0, pattern(6, PAGE)))
+        assert _read_byte(read_fd) == 1
+        if how == "reset":
+            disks.control.reset(config.index)
+        _, status = os.waitpid(child, 0)  # the fence's SIGKILL
+        child = 0
+        assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+        got = other.get(wait=True)
+        assert len(got) == 1 and got[0].offset == 0
+        assert other.put([other.answer(got[0])]) == [0]
+        io.join()
+        counters = _counters(config.index)
+        assert counters["fenced"] == 1, counters
+        assert counters["rejected"] == 0, counters
+    finally:
+        if child:
+            os.kill(child, signal.SIGKILL)
+            os.waitpid(child, 0)
+        os.close(read_fd)
+        os.close(write_fd)
+        other.close()
+
+
+def test_fenced_file_gets_no_more_requests(disks: Disks) -> None:
+    """A fenced file shared with a survivor: its GETs answer ESHUTDOWN.
+
+    The file outlives the killed holder here (the test keeps a copy of
+    the descriptor), so its request stays held until the copy is closed.
+    """
+    config = disks.create(16 * PAGE, flags=uapi.ABUSE_F_FENCE, timeout_ms=LONG_TIMEOUT_MS)
+    dev = f"/dev/abuse{config.index}"
+    shared = RawWorker(config.index)
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            got = shared.get(wait=True)
+            os.write(write_fd, bytes([len(got)]))
+            while True:
+                signal.pause()
+        finally:
+            os._exit(code)
+    other = RawWorker(config.index)
+    try:
+        io = Background(lambda: direct_write(dev, 0, pattern(7, PAGE)))
+        assert _read_byte(read_fd) == 1
+        disks.control.reset(config.index)
+        os.waitpid(pid, 0)
+        with pytest.raises(OSError) as err:
+            shared.get(wait=False)
+        assert err.value.errno == errno.ESHUTDOWN
+        assert other.get(wait=False) == []  # still held by the shared file
+        shared.close()  # the last user of the fenced file: now it moves on
+        got = other.get(wait=True)
+        assert other.put([other.answer(got[0])]) == [0]
+        io.join()
+    finally:
+        os.close(read_fd)
+        os.close(write_fd)
+        other.close()
+
+
+def test_sysfs_config_and_workers_readable(disks: Disks) -> None:
+    config = disks.create(
+        64 * PAGE, flags=uapi.ABUSE_F_FLUSH | uapi.ABUSE_F_FENCE, timeout_ms=5000, retries=2
+    )
+    root = Path(f"/sys/block/abuse{config.index}/abuse")
+    assert int(root.joinpath("size").read_text()) == 64 * PAGE
+    assert int(root.joinpath("block_size").read_text()) == 4096
+    assert int(root.joinpath("flags").read_text(), 16) == uapi.ABUSE_F_FLUSH | uapi.ABUSE_F_FENCE
+    assert int(root.joinpath("timeout_ms").read_text()) == 5000
+    assert int(root.joinpath("retries").read_text()) == 2
+    assert int(root.joinpath("queue_depth").read_text()) == config.queue_depth
+    assert root.joinpath("workers").read_text() == "\n"
+    worker = RawWorker(config.index)
+    try:
+        assert root.joinpath("workers").read_text().split() == [str(os.getpid())]
+        for name in ("size", "flags", "workers", "fenced"):
+            assert root.joinpath(name).stat().st_mode & 0o444 == 0o444
+    finally:
+        worker.close()
+
+
+def test_interrupted_get_restarts_for_sa_restart_handlers(disks: Disks) -> None:
+    """-ERESTARTSYS: a GET interrupted by a SA_RESTART handler goes on sleeping."""
+    config = disks.create(16 * PAGE)
+    dev = f"/dev/abuse{config.index}"
+    worker = RawWorker(config.index)
+    libc = ctypes.CDLL(None, use_errno=True)
+    old = signal.getsignal(signal.SIGUSR1)
+    try:
+        # A C handler with SA_RESTART, as a C worker would install.
+        class Sigaction(ctypes.Structure):
+            _fields_ = [
+                ("handler", ctypes.c_void_p),
+                ("mask", ctypes.c_ulong * 16),
+                ("flags", ctypes.c_int),
+                ("restorer", ctypes.c_void_p),
+            ]
+
+        act = Sigaction()
+        # A handler in C that does nothing harmful (a Python callback may not
+        # run in signal context): srand(signum).
+        act.handler = ctypes.cast(libc.srand, ctypes.c_void_p)
+        act.flags = 0x10000000  # SA_RESTART
+        assert libc.sigaction(signal.SIGUSR1, ctypes.byref(act), None) == 0
+        get = _blocking_get(worker)
+        wait_for(lambda: _asleep(get))
+        assert get.tid is not None
+        signal.pthread_kill(_thread_ident(get), signal.SIGUSR1)
+        direct = Background(lambda: direct_write(dev, 0, pattern(8, PAGE)))
+        got = get.join().result
+        assert get.error is None and len(got) == 1
+        assert worker.put([worker.answer(got[0])]) == [0]
+        direct.join()
+    finally:
+        signal.signal(signal.SIGUSR1, old)
+        worker.close()
+
+
+def _thread_ident(job: Background) -> int:
+    return job._thread.ident or 0
+
+
+def test_put_the_request_held_by_another(disks: Disks) -> None:
+    """Handles stay per file: a stale or foreign handle is ESTALE (regression guard)."""
+    config = disks.create(16 * PAGE)
+    dev = f"/dev/abuse{config.index}"
+    a, b = RawWorker(config.index), RawWorker(config.index)
+    try:
+        io = Background(lambda: direct_write(dev, 0, pattern(9, PAGE)))
+        got: list[Request] = a.get(wait=True)
+        disks.control.reset(config.index)
+        assert a.put([a.answer(got[0])]) == [-errno.ESTALE]
+        again = b.get(wait=True)
+        assert b.put([b.answer(again[0])]) == [0]
+        io.join()
+    finally:
+        a.close()
+        b.close()
