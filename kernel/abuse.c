@@ -42,7 +42,7 @@
 #define ABUSE_PUT_CHUNK		16
 #define ABUSE_GET_CHUNK		16
 /* A lazy wake-up never waits less than this for a busy worker. */
-#define ABUSE_WAKE_MIN_NS	(20 * NSEC_PER_USEC)
+#define ABUSE_WAKE_MIN_NS	(50 * NSEC_PER_USEC)
 
 /*
  * Dispatch tuning (see "Dispatch" below); 0 turns each one off.  Read
@@ -309,7 +309,7 @@ static void abuse_requeue(struct abuse_device *dev, struct request *rq)
 	cmd->gen++;
 	cmd->holder = NULL;
 	/* It was handed out before anything now queued: serve it first. */
-	cmd->queued_ns = ktime_get_ns();
+	cmd->queued_ns = local_clock();
 	list_add(&cmd->node, &dev->queue);
 	dev->stats.requeued++;
 }
@@ -487,6 +487,20 @@ static unsigned int abuse_reclaim_in_flight(struct abuse_device *dev)
  *  - otherwise one sleeper is woken at once.
  */
 
+/*
+ * Request-path times come from local_clock(), not the clocksource: it
+ * reads the TSC even where the clocksource is slow to read (the HPET of
+ * an emulated guest, where a read per request cost more than the
+ * request).  Across CPUs it may be off by a little, which a wake-up
+ * bound of tens of microseconds does not mind.
+ */
+static u64 abuse_ns_until(u64 when)
+{
+	u64 now = local_clock();
+
+	return when > now ? when - now : 0;
+}
+
 /* The lazy wake-up's bound, in ns; 0 when the module parameter is 0. */
 static u64 abuse_wake_bound(struct abuse_device *dev)
 {
@@ -528,8 +542,8 @@ static bool abuse_enqueued(struct abuse_device *dev)
 
 		dev->timer_armed = true;
 		hrtimer_start(&dev->wake_timer,
-			      ns_to_ktime(head->queued_ns + bound),
-			      HRTIMER_MODE_ABS);
+			      ns_to_ktime(abuse_ns_until(head->queued_ns + bound)),
+			      HRTIMER_MODE_REL);
 	}
 	return false;
 }
@@ -543,7 +557,7 @@ static enum hrtimer_restart abuse_wake_timer_fn(struct hrtimer *timer)
 	struct abuse_device *dev = container_of(timer, struct abuse_device,
 						wake_timer);
 	enum hrtimer_restart ret = HRTIMER_NORESTART;
-	u64 now = ktime_get_ns(), bound = abuse_wake_bound(dev);
+	u64 now = local_clock(), bound = abuse_wake_bound(dev);
 	unsigned int late = 0;
 	struct abuse_cmd *cmd;
 	unsigned long flags;
@@ -560,7 +574,7 @@ static enum hrtimer_restart abuse_wake_timer_fn(struct hrtimer *timer)
 	if (late && !next)
 		next = now + bound;	/* look again if they are still here */
 	if (next && !dev->dead) {
-		hrtimer_set_expires(timer, ns_to_ktime(next));
+		hrtimer_forward_now(timer, ns_to_ktime(abuse_ns_until(next)));
 		ret = HRTIMER_RESTART;
 	} else {
 		dev->timer_armed = false;
@@ -577,11 +591,11 @@ static void abuse_set_serving(struct abuse_device *dev,
 			      struct abuse_worker *w, bool serving)
 {
 	if (serving) {
-		w->serving_since = ktime_get_ns();
+		w->serving_since = local_clock();
 		if (!test_and_set_bit(ABUSE_W_SERVING, &w->flags))
 			atomic_inc(&dev->nr_serving);
 	} else if (test_and_clear_bit(ABUSE_W_SERVING, &w->flags)) {
-		u64 cycle = ktime_get_ns() - w->serving_since;
+		u64 cycle = local_clock() - w->serving_since;
 		u64 avg = READ_ONCE(dev->cycle_ns);
 
 		atomic_dec(&dev->nr_serving);
@@ -625,7 +639,7 @@ static blk_status_t abuse_queue_rq(struct blk_mq_hw_ctx *hctx,
 	cmd->holder = NULL;
 	cmd->timeouts = 0;
 	cmd->fail_pending = false;
-	cmd->queued_ns = ktime_get_ns();
+	cmd->queued_ns = local_clock();
 	dev->rqs[rq->tag] = rq;
 	abuse_set_state(dev, rq, ABUSE_CMD_QUEUED);
 	list_add_tail(&cmd->node, &dev->queue);
@@ -1199,12 +1213,12 @@ static bool abuse_spin_for_work(struct abuse_device *dev,
 	dev->spinner = w;
 	spin_unlock_irq(&dev->lock);
 
-	start = ktime_get_ns();
+	start = local_clock();
 	do {
 		if (abuse_has_work(dev))
 			break;
 		cpu_relax();
-		now = ktime_get_ns();
+		now = local_clock();
 	} while (now - start < budget && !need_resched() &&
 		 !signal_pending(current));
 
@@ -1304,7 +1318,7 @@ static int abuse_get(struct abuse_device *dev, struct abuse_worker *w,
 		if (n || ret < 0 || !wait)
 			break;
 		if (!waiting)
-			waiting = ktime_get_ns();
+			waiting = local_clock();
 		if (abuse_spin_for_work(dev, w))
 			continue;
 		wait = abuse_wait_work(dev, wait);
@@ -1314,7 +1328,7 @@ static int abuse_get(struct abuse_device *dev, struct abuse_worker *w,
 		}
 	}
 	if (waiting)
-		abuse_note_gap(w, ktime_get_ns() - waiting);
+		abuse_note_gap(w, local_clock() - waiting);
 	if (n)
 		abuse_set_serving(dev, w, true);
 
@@ -1546,7 +1560,7 @@ static int abuse_ctl_create(struct abuse_config *cfg)
 	spin_lock_init(&dev->lock);
 	init_waitqueue_head(&dev->get_wait);
 	init_waitqueue_head(&dev->poll_wait);
-	hrtimer_init(&dev->wake_timer, CLOCK_MONOTONIC, HRTIMER_MODE_ABS);
+	hrtimer_init(&dev->wake_timer, CLOCK_MONOTONIC, HRTIMER_MODE_REL);
 	dev->wake_timer.function = abuse_wake_timer_fn;
 	atomic_set(&dev->nr_serving, 0);
 	INIT_LIST_HEAD(&dev->queue);

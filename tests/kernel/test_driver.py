@@ -92,7 +92,7 @@ def test_get_nowait_blocking_and_poll(disks: Disks) -> None:
 
         # A blocking GET sleeps until I/O arrives.
         getter = Background(lambda: raw.get(wait=True))
-        time.sleep(0.5)
+        wait_for(lambda: asleep_in_driver(f"/proc/self/task/{getter.tid}"))
         assert not getter.done
         writer = Background(lambda: direct_write(config.path, 0, pattern(1, 4096)))
         requests = getter.join().result

@@ -13,7 +13,7 @@ import pytest
 from abuse import DiskNotFound
 from abuse.control import Control
 from tests.kernel.conftest import wait_for
-from tests.kernel.faults.workload import finish_fio, mkfs_ext4, start_fio_verify
+from tests.kernel.faults.workload import finish_fio, mkfs_ext4, start_fio_verify, sysfs_counters
 from tests.kernel.serving import abusectl, served_disk, stop_pool
 
 MiB = 1 << 20
@@ -32,7 +32,10 @@ def test_forced_destroy_during_io_fails_it_and_ends_the_pool(rng: random.Random)
             stderr=subprocess.STDOUT,
             text=True,
         )  # fmt: skip
-        time.sleep(rng.uniform(2, 6))
+        # Destroy at a random point of the I/O, once fio has really started
+        # (an event, not a time: a loaded guest may take seconds to start it).
+        done = rng.randint(200, 5000)
+        wait_for(lambda: sysfs_counters(dev)["completed"] >= done or job.poll() is not None, timeout=300)
         abusectl("destroy", dev, "--force")
         out = job.communicate(timeout=120)[0]
         # Requests the driver held fail with EIO; a write submitted after
@@ -58,7 +61,9 @@ def test_forced_destroy_under_a_mounted_ext4(tmp_path: Path, rng: random.Random)
             text=True,
         )  # fmt: skip
         try:
-            time.sleep(rng.uniform(2, 5))
+            written = sysfs_counters(dev)["bytes_written"] + rng.randint(1, 8) * MiB
+            started = lambda: sysfs_counters(dev)["bytes_written"] >= written or writer.poll() is not None  # noqa: E731
+            wait_for(started, timeout=300)
             abusectl("destroy", dev, "--force")
             assert "wrote" in writer.communicate(timeout=120)[0]
             assert serve.wait(timeout=60) == 0

@@ -76,7 +76,7 @@ def test_no_worker_for_ten_seconds_with_timeout_zero(tmp_path: Path) -> None:
     backend = f"file:{image}"
     with served_disk("128M", backend, 2, "--timeout", "0") as (dev, first):
         job = start_fio_verify(dev, 40, size="64M", iodepth=16)
-        time.sleep(5)
+        wait_for(lambda: sysfs_counters(dev)["completed"] >= 500 or job.poll() is not None, timeout=300)
         os.killpg(first.pid, signal.SIGKILL)
         first.wait()
         wait_for(lambda: sysfs_counters(dev)["attached"] == 0)
