@@ -15,7 +15,20 @@ from typing import Any
 import cffi
 import ioctl_opt
 
-__all__ = ["HEADER_TEXT", "constants", "ffi", "ioctls", "lib", "sizeof", "struct_format"]
+__all__ = [
+    "DISK_FEATURES",
+    "HEADER_TEXT",
+    "V1_XFER_FEATURES",
+    "XFER_FEATURES",
+    "constants",
+    "feature_name",
+    "feature_names",
+    "ffi",
+    "ioctls",
+    "lib",
+    "sizeof",
+    "struct_format",
+]
 
 _TYPES_PRELUDE = """
 typedef uint8_t __u8; typedef uint16_t __u16; typedef uint32_t __u32;
@@ -94,6 +107,42 @@ for _name, _value in _defines.items():
 
 globals().update(constants)
 globals().update(ioctls)
+
+
+def _feature_bits(prefix: str) -> dict[str, int]:
+    """The single-bit ``#define``s named ``<prefix>*`` (``_ALL`` aside), by name, in bit order."""
+    bits = {
+        name: value
+        for name, value in constants.items()
+        if name.startswith(prefix) and name != prefix + "ALL" and value and not value & (value - 1)
+    }
+    return dict(sorted(bits.items(), key=lambda item: item[1]))
+
+
+#: Disk features (``ABUSE_F_*``: abuse_config.flags, abuse_version.features), from the header.
+DISK_FEATURES: dict[str, int] = _feature_bits("ABUSE_F_")
+#: GET/PUT features (``ABUSE_XFER_*``: abuse_xfer.flags, abuse_version.xfer_features).
+XFER_FEATURES: dict[str, int] = _feature_bits("ABUSE_XFER_")
+#: What a version-1 module accepts, which reports no xfer_features: TIMEOUT
+#: and MAPPED came after it without a bit, so only NOWAIT is sure.
+V1_XFER_FEATURES = constants["ABUSE_XFER_NOWAIT"]
+
+
+def feature_name(name: str) -> str:
+    """The word of a feature macro: ``ABUSE_F_WRITE_ZEROES`` -> ``write-zeroes``."""
+    for prefix in ("ABUSE_F_", "ABUSE_XFER_"):
+        if name.startswith(prefix):
+            name = name[len(prefix) :]
+    return name.lower().replace("_", "-")
+
+
+def feature_names(bits: int, table: dict[str, int]) -> list[str]:
+    """The words of the bits of ``table`` set in ``bits``; unknown bits as one hex word."""
+    words = [feature_name(name) for name, bit in table.items() if bits & bit]
+    unknown = bits & ~sum(table.values())
+    if unknown:
+        words.append(hex(unknown))
+    return words
 
 
 def sizeof(struct: str) -> int:

@@ -21,7 +21,7 @@ import pytest
 import abuse
 import abuse.control
 import abusectl.devices
-from abuse import DiskConfig, DiskInfo, uapi
+from abuse import DiskConfig, DiskInfo, ModuleFeatures, uapi
 from abuse._exceptions import AbuseError, error_from_errno
 from abuse.backends import Backend, MemoryBackend
 from abuse.control import CONTROL_PATH
@@ -30,6 +30,7 @@ from abusectl.commands.serve import StatusLine
 from abusectl.devices import parse_dev
 
 G = 1 << 30
+COMMAND_NAMES = ("create", "serve", "status", "list", "reset", "resize", "destroy", "features")
 COUNTERS = abuse.control.COUNTER_FIELDS
 
 
@@ -74,6 +75,7 @@ class FakeControl:
         self.disks = {info.config.index: info for info in disks}
         self.calls: list[tuple[str, Any]] = []
         self.busy = False
+        self.module = FULL_MODULE
 
     def __enter__(self) -> FakeControl:
         return self
@@ -107,6 +109,12 @@ class FakeControl:
     def resize(self, index: int, size: int) -> None:
         self.calls.append(("resize", (index, size)))
 
+    def features(self) -> ModuleFeatures:
+        return self.module
+
+
+FULL_MODULE = ModuleFeatures.from_answer(uapi.ABUSE_VERSION, 1024, uapi.ABUSE_F_ALL, uapi.ABUSE_XFER_ALL)
+
 
 @pytest.fixture
 def control(monkeypatch: pytest.MonkeyPatch) -> FakeControl:
@@ -114,6 +122,7 @@ def control(monkeypatch: pytest.MonkeyPatch) -> FakeControl:
         disk(0), disk(3, size=512 << 20, flags=uapi.ABUSE_F_READ_ONLY, completed=42, attached=2)
     )
     monkeypatch.setattr(abusectl.devices, "Control", lambda path: fake)
+    monkeypatch.setattr(abusectl.devices, "list_disks", fake.list)
     return fake
 
 
@@ -124,6 +133,7 @@ class WorkerStat:
     rss: int
     restarts: int
     alive: bool
+    ready: bool = True
 
 
 class FakePool:
@@ -131,19 +141,31 @@ class FakePool:
 
     made: list[FakePool] = []
 
-    def __init__(self, index: int, backend: Backend, workers: int, batch: int = 64) -> None:
+    def __init__(self, index: int, backend: Backend, workers: int, batch: int = 64, **kwargs: Any) -> None:
         self.index, self.backend, self.workers, self.batch = index, backend, workers, batch
+        self.kwargs = kwargs
         self.restarts = 0
+        self.hung_kills = 0
         self.ran: dict[str, Any] = {}
         FakePool.made.append(self)
 
-    def run(self, on_tick: Any = None, tick: float = 1.0) -> int:
-        self.ran = {"on_tick": on_tick, "tick": tick}
+    def run(self, on_tick: Any = None, tick: float = 1.0, on_ready: Any = None) -> int:
+        self.ran = {"tick": tick}
         self.backend_size_at_run = self.backend.size
+        if on_ready is not None:
+            on_ready(self)
+        if on_tick is not None:
+            on_tick(self)
         return 0
 
+    def pids(self) -> list[int]:
+        return [100 + i for i in range(self.workers)]
+
+    def stop(self) -> None:
+        pass
+
     def stats(self) -> list[WorkerStat]:
-        return [WorkerStat(100 + i, 0.0, 0, 0, True) for i in range(self.workers)]
+        return [WorkerStat(100 + i, 0.0, 0, 0, True, True) for i in range(self.workers)]
 
 
 @pytest.fixture
@@ -158,13 +180,24 @@ def pool(monkeypatch: pytest.MonkeyPatch) -> type[FakePool]:
 # --- version, help, usage -------------------------------------------------
 
 
-def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+def test_version_without_the_module(capsys: pytest.CaptureFixture[str]) -> None:
     code, out, err = run(capsys, "--version")
     assert code == 0
-    assert out == f"abusectl {abuse.__version__} (uapi {uapi.ABUSE_VERSION})\n"
+    library, module = out.splitlines()
+    assert library == f"abusectl {abuse.__version__} (uapi {uapi.ABUSE_VERSION})"
+    assert module.startswith("module: unknown (") and "not found" in module
 
 
-@pytest.mark.parametrize("verb", ["create", "serve", "status", "list", "reset", "resize", "destroy"])
+def test_version_names_the_loaded_module(capsys: pytest.CaptureFixture[str], control: FakeControl) -> None:
+    control.module = ModuleFeatures.from_answer(1, 1024, 0x1F, 0)
+    code, out, err = run(capsys, "--version")
+    assert (code, err) == (0, "")
+    assert out.splitlines()[1] == "module: uapi 1"
+
+
+@pytest.mark.parametrize(
+    "verb", ["create", "serve", "status", "list", "reset", "resize", "destroy", "features"]
+)
 def test_help(capsys: pytest.CaptureFixture[str], verb: str) -> None:
     code, out, err = run(capsys, verb, "--help")
     assert code == 0
@@ -176,7 +209,7 @@ def test_help(capsys: pytest.CaptureFixture[str], verb: str) -> None:
     [
         ([], "required: COMMAND"),
         (["frobnicate"], "invalid choice: 'frobnicate'"),
-        (["create"], "required: --size"),
+        (["create"], "required: -s/--size"),
         (["create", "--size", "0"], "invalid size '0': must be greater than zero"),
         (["create", "--size", "ten"], "invalid size 'ten'"),
         (["create", "--size=-1G"], "invalid size '-1G'"),
@@ -189,16 +222,26 @@ def test_help(capsys: pytest.CaptureFixture[str], verb: str) -> None:
         (["serve", "0", "--backend", "bogus", "--workers", "1"], "bad backend 'bogus'"),
         (["serve", "0", "--backend", "file:", "--workers", "1"], "bad backend 'file:'"),
         (["serve", "0", "--backend", "memory", "--workers", "0"], "invalid count '0'"),
-        (["serve", "0", "--backend", "memory"], "required: --workers"),
+        (["serve", "0", "--backend", "memory"], "required: -w/--workers"),
         (["serve", "/dev/sda", "--backend", "memory", "--workers", "1"], "not an abuse disk: /dev/sda"),
         (["serve", "foo", "--backend", "memory", "--workers", "1"], "not an abuse disk: foo"),
         (["status", "/dev/sda"], "not an abuse disk: /dev/sda"),
         (["status", "foo"], "not an abuse disk: foo"),
         (["reset", "/dev/abuse0p1"], "not an abuse disk: /dev/abuse0p1"),
         (["resize", "0", "--size", "ten"], "invalid size 'ten'"),
-        (["resize", "0"], "required: --size"),
+        (["resize", "0"], "required: -s/--size"),
         (["destroy", "sda"], "not an abuse disk: sda"),
-        (["destroy"], "required: DEV"),
+        (["create", "-s", "1G", "--index", "-1"], "invalid disk index '-1'"),
+        (["create", "-s", "1G", "--index", "x"], "invalid disk index 'x'"),
+        (["create", "-s", "1G", "-i", "4294967296"], "invalid disk index '4294967296'"),
+        (["serve", "0", "-b", "memory", "-w", "1", "--user", "no-such-user-here"], "no such user"),
+        (["serve", "0", "-b", "memory", "-w", "1", "-u", "4000000000"], "no such user"),
+        (["serve", "0", "-b", "memory", "-w", "1", "--group", "no-such-group-here"], "no such group"),
+        (["serve", "0", "-b", "memory", "-w", "1", "--pidfile"], "--pidfile: expected one argument"),
+        (["serve", "0", "-b", "memory", "-w", "1", "--run"], "--run: expected one argument"),
+        (["serve", "0", "-b", "memory", "-w", "x"], "invalid count 'x'"),
+        (["status", "--bogus"], "unrecognized arguments: --bogus"),
+        (["features", "extra"], "unrecognized arguments: extra"),
     ],
 )
 def test_usage_errors_are_one_line(capsys: pytest.CaptureFixture[str], argv: list[str], says: str) -> None:
@@ -221,10 +264,9 @@ def test_missing_module_message_names_dev_abuse() -> None:
     "argv",
     [
         ["create", "--size", "10G"],
-        ["status"],
         ["status", "0"],
-        ["status", "--json"],
-        ["list"],
+        ["features"],
+        ["destroy", "--all"],
         ["reset", "0"],
         ["reset", "abuse0", "--fail"],
         ["resize", "/dev/abuse0", "--size", "1G"],
@@ -250,7 +292,7 @@ def test_permission_denied_is_one_line(
         raise error_from_errno(errno.EACCES, path)
 
     monkeypatch.setattr(abusectl.devices, "Control", denied)
-    code, out, err = run(capsys, "list")
+    code, out, err = run(capsys, "features")
     assert code == 1
     assert "Permission denied" in one_line(err)
 
@@ -261,7 +303,7 @@ def test_bugs_are_not_hidden(monkeypatch: pytest.MonkeyPatch) -> None:
 
     monkeypatch.setattr(abusectl.devices, "Control", broken)
     with pytest.raises(RuntimeError):
-        main(["list"])
+        main(["features"])
 
 
 # --- DEV names --------------------------------------------------------------
@@ -364,15 +406,29 @@ def test_status_table(capsys: pytest.CaptureFixture[str], control: FakeControl) 
         "ERRORS",
         "REQUEUED",
         "ATTACHED",
+        "PIDS",
     ]
-    assert rows[0].split() == ["0", "/dev/abuse0", "10G", "4096", "flush", "0", "0", "0", "0", "0", "0"]
-    assert rows[1].split() == ["3", "/dev/abuse3", "512M", "4096", "read-only", "0", "0", "42", "0", "0", "2"]
+    assert rows[0].split() == ["0", "/dev/abuse0", "10G", "4096", "flush", "0", "0", "0", "0", "0", "0", "-"]
+    assert rows[1].split() == [
+        "3",
+        "/dev/abuse3",
+        "512M",
+        "4096",
+        "read-only",
+        "0",
+        "0",
+        "42",
+        "0",
+        "0",
+        "2",
+        "-",
+    ]
 
 
 def test_status_json(capsys: pytest.CaptureFixture[str], control: FakeControl) -> None:
     code, out, err = run(capsys, "status", "/dev/abuse3", "--json")
     assert code == 0
-    (record,) = json.loads(out)
+    (record,) = json.loads(out)["disks"]
     assert record["index"] == 3
     assert record["path"] == "/dev/abuse3"
     assert record["size"] == 512 << 20
@@ -389,7 +445,9 @@ def test_status_of_a_missing_disk(capsys: pytest.CaptureFixture[str], control: F
 
 def test_list(capsys: pytest.CaptureFixture[str], control: FakeControl) -> None:
     assert run(capsys, "list") == (0, "/dev/abuse0\n/dev/abuse3\n", "")
-    assert json.loads(run(capsys, "list", "--json")[1]) == ["/dev/abuse0", "/dev/abuse3"]
+    assert json.loads(run(capsys, "list", "--json")[1]) == {
+        "disks": [{"index": 0, "path": "/dev/abuse0"}, {"index": 3, "path": "/dev/abuse3"}]
+    }
 
 
 # --- reset, resize, destroy ---------------------------------------------------
@@ -443,7 +501,7 @@ def test_serve(capsys: pytest.CaptureFixture[str], control: FakeControl, pool: t
     assert (made.index, made.workers, made.batch) == (3, 2, 8)
     assert isinstance(made.backend, MemoryBackend)
     assert made.backend_size_at_run == 512 << 20
-    assert made.ran == {"on_tick": None, "tick": 1.0}  # stdout is not a terminal
+    assert made.ran == {"tick": 1.0}
     assert made.backend.fd == -1, "backend closed after the pool returned"
 
 
@@ -545,7 +603,12 @@ def test_serve_create_records_the_new_disk(
     assert code == 0, err
     assert control.calls[0] == (
         "create",
-        {"size": G, "flags": uapi.ABUSE_F_FLUSH, "timeout_ms": 30000, "retries": 3},
+        {
+            "size": G,
+            "flags": uapi.ABUSE_F_FLUSH | uapi.ABUSE_F_DISCARD | uapi.ABUSE_F_WRITE_ZEROES,
+            "timeout_ms": 30000,
+            "retries": 3,
+        },
     )
     assert record.read_text() == "/dev/abuse2\n"
     assert pool.made[0].index == 2
