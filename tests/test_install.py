@@ -148,7 +148,7 @@ def test_pip_install_into_a_fresh_venv(tmp_path: Path) -> None:
     (header,) = env_dir.glob("lib/python*/site-packages/abuse/abuse.h")
     assert not header.is_symlink()
     assert header.read_text() == (ROOT / "kernel" / "abuse.h").read_text()
-    missing = subprocess.run([env_dir / "bin" / "abusectl", "list"], capture_output=True, text=True)
+    missing = subprocess.run([env_dir / "bin" / "abusectl", "features"], capture_output=True, text=True)
     assert missing.returncode == 1 and len(missing.stderr.splitlines()) == 1
 
 
