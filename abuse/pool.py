@@ -65,6 +65,7 @@ import psutil
 from abuse._exceptions import AbuseError
 from abuse.backends.base import Backend
 from abuse.control import Control
+from abuse.credentials import Credentials
 from abuse.worker import DEFAULT_BATCH, Worker
 
 __all__ = ["Credentials", "Pool", "WorkerStat", "idle_ms_for", "serve_worker", "worker_alive", "worker_ready"]
@@ -98,21 +99,6 @@ Target = Callable[[int, Backend, int], None]
 
 _READY = struct.Struct("=ii")  # slot, pid: one atomic pipe write per attach
 _IDLE_MS = 200  # a worker's longest idle wait when the disk has no timeout
-
-
-@dataclass(frozen=True)
-class Credentials:
-    """Whom a worker becomes once it has attached: uid, gid, supplementary groups."""
-
-    uid: int
-    gid: int
-    groups: tuple[int, ...] = ()
-
-    def apply(self) -> None:
-        """Drop to these credentials in this process (needs root); irreversible."""
-        os.setgroups(list(self.groups))
-        os.setgid(self.gid)
-        os.setuid(self.uid)
 
 
 @dataclass

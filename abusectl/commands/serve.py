@@ -30,13 +30,14 @@ from abuse._exceptions import AbuseError
 from abuse.backends import SPEC_CHOICES, open_backend
 from abuse.backends.base import API_VERSION, Backend, capabilities
 from abuse.control import Control, DiskConfig
+from abuse.credentials import Credentials
 from abuse.sizes import format_size
 from abusectl import args as types
 from abusectl.devices import disk_info, open_control
 from abusectl.service import reuse_or_create
 
 if TYPE_CHECKING:
-    from abuse.pool import Credentials, Pool
+    from abuse.pool import Pool
 
 log = logging.getLogger(__name__)
 
