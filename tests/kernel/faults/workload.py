@@ -90,7 +90,9 @@ def fio_verify(dev: str, size: str = "32M") -> None:
 
 def sysfs_counters(dev: str) -> dict[str, int]:
     folder = Path("/sys/block", Path(dev).name, "abuse")
-    return {f.name: int(f.read_text()) for f in folder.iterdir()}
+    # Counters only: the config files (flags in hex) and "workers" (pids) are not counts.
+    texts = {f.name: f.read_text().strip() for f in folder.iterdir() if f.name not in ("flags", "workers")}
+    return {name: int(text) for name, text in texts.items() if text.isdigit()}
 
 
 def block_stat(dev: str) -> list[int]:
