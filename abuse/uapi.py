@@ -163,7 +163,8 @@ _STRUCT_CODES = {
 def struct_format(struct: str) -> str:
     """A :mod:`struct` format for ``struct <struct>``, derived from its cffi layout.
 
-    Native byte order, one code per field in order, so that arrays of
+    Native byte order, one code per field in order (an array of N
+    integers, N codes), so that arrays of
     descriptors can be read with ``iter_unpack`` and written with
     ``pack_into`` without a cffi object per field.  Raises ValueError if
     a field is not a plain integer or the struct has implicit padding.
@@ -172,10 +173,13 @@ def struct_format(struct: str) -> str:
     codes = []
     offset = 0
     for name, field in ctype.fields:
-        code = _STRUCT_CODES.get(field.type.cname)
+        ftype, count = field.type, 1
+        if ftype.kind == "array" and ftype.length is not None:
+            ftype, count = ftype.item, ftype.length  # __u64 __reserved[N]: N codes
+        code = _STRUCT_CODES.get(ftype.cname)
         if code is None or field.offset != offset:
             raise ValueError(f"struct {struct}: field {name} has no plain struct code")
-        codes.append(code)
+        codes.append(code * count)
         offset += ffi.sizeof(field.type)
     if offset != ffi.sizeof(ctype):
         raise ValueError(f"struct {struct}: trailing padding")
