@@ -256,7 +256,11 @@ def serve_worker(index: int, backend: Backend, batch: int = DEFAULT_BATCH) -> No
     PR_SET_IO_FLUSHER and mlockall (warning once per process if that is
     not permitted, or not at all when the supervisor already has), makes
     SIGTERM a request to stop, then runs a :class:`~abuse.worker.Worker`
-    on a fresh :class:`~abuse.control.Control`.  Returns when SIGTERM
+    on a fresh :class:`~abuse.control.Control`.  Once attached it drops
+    to the pool's credentials (if any), tells the supervisor it is ready
+    (:func:`worker_ready`) and stamps its liveness slot after every batch
+    and idle wake-up; its idle wait is at most an eighth of the disk's
+    timeout (and a quarter of the pool's ``alive_timeout``).  Returns when SIGTERM
     arrives (after answering what it holds) or when the disk is
     destroyed; raises :class:`~abuse.AbuseError` if the control device
     or the disk cannot be used.
