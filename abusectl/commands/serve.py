@@ -60,6 +60,9 @@ class _PoolView(Protocol):
     @property
     def restarts(self) -> int: ...
 
+    @property
+    def hung_kills(self) -> int: ...
+
     def stats(self) -> Sequence[_WorkerStat]: ...
 
 
@@ -227,6 +230,8 @@ class StatusLine:
             f"{counters['in_flight']} in flight, {counters['queued']} queued, "
             f"{alive}/{len(stats)} workers, {pool.restarts} restarts"
         )
+        if pool.hung_kills:
+            line += f" ({pool.hung_kills} killed for not answering)"
         self._out.write("\r" + line + "\x1b[K")
         self._out.flush()
         self._shown = True
