@@ -207,9 +207,9 @@ def test_user_nobody_serves_under_fio_verify(tmp_path: Path) -> None:
     dev = abusectl("create", "-s", "32M")
     owners = tmp_path / "owners"
     os.chmod(tmp_path, 0o777)
+    # The workers are the serving process's children other than this shell.
     job = (
-        "for p in $(cat /sys/block/${ABUSE_DEVICE#/dev/}/abuse/workers); do stat -c %U /proc/$p; done "
-        f">{owners} && "
+        f"ps -o user= -o pid= --ppid $PPID | awk -v me=$$ '$2 != me {{print $1}}' >{owners} && "
         'fio --name=verify --filename="$ABUSE_DEVICE" --direct=1 --ioengine=libaio --rw=randwrite '
         "--bs=4k --size=16M --iodepth=16 --verify=crc32c --verify_fatal=1"
     )
@@ -221,6 +221,24 @@ def test_user_nobody_serves_under_fio_verify(tmp_path: Path) -> None:
         destroy(dev)
 
 
+def as_nobody(*args: str) -> subprocess.CompletedProcess[str]:
+    """abusectl run by nobody.  The tree's venv python links into /root
+    (mode 0700), so nobody runs the system python 3.11 on the venv's
+    site-packages instead."""
+    site = next((ROOT / ".venv" / "lib").glob("python3*/site-packages"))
+    nobody = pwd.getpwnam("nobody")
+    return subprocess.run(
+        ["/usr/bin/python3", "-m", "abusectl", *args],
+        capture_output=True,
+        text=True,
+        env={"PYTHONPATH": f"{ROOT}:{site}", "PATH": "/usr/bin:/bin"},
+        user=nobody.pw_uid,
+        group=nobody.pw_gid,
+        extra_groups=[],
+        cwd="/",
+    )
+
+
 def test_list_and_status_as_nobody() -> None:
     dev = abusectl("create", "-s", "16M", "--timeout", "7")
     serve = subprocess.Popen(
@@ -228,17 +246,12 @@ def test_list_and_status_as_nobody() -> None:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    nobody = pwd.getpwnam("nobody")
     try:
         wait_for(lambda: int(sysfs(dev, "attached")) == 2, timeout=300)
-        listed = subprocess.run(
-            [*ABUSECTL, "list", "--json"], capture_output=True, text=True, user=nobody.pw_uid
-        )
+        listed = as_nobody("list", "--json")
         assert listed.returncode == 0, listed.stderr
         assert {"index": int(dev[len("/dev/abuse") :]), "path": dev} in json.loads(listed.stdout)["disks"]
-        status = subprocess.run(
-            [*ABUSECTL, "status", dev, "--json"], capture_output=True, text=True, user=nobody.pw_uid
-        )
+        status = as_nobody("status", dev, "--json")
         assert status.returncode == 0, status.stderr
         (record,) = json.loads(status.stdout)["disks"]
         assert (record["size"], record["timeout_ms"], record["attached"]) == (16 * MiB, 7000, 2)
