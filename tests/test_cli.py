@@ -11,7 +11,9 @@ import errno
 import io
 import json
 import os
+import signal
 import sys
+import threading
 import types
 from dataclasses import dataclass
 from pathlib import Path
@@ -141,10 +143,12 @@ class FakePool:
     """Stands in for abuse.pool.Pool (written in parallel); records its use."""
 
     made: list[FakePool] = []
+    wait_for_stop = False  # run() returns only after stop(), as the real one
 
     def __init__(self, index: int, backend: Backend, workers: int, batch: int = 64, **kwargs: Any) -> None:
         self.index, self.backend, self.workers, self.batch = index, backend, workers, batch
         self.kwargs = kwargs
+        self.stopped = threading.Event()
         self.restarts = 0
         self.hung_kills = 0
         self.ran: dict[str, Any] = {}
@@ -160,13 +164,15 @@ class FakePool:
             on_ready(self)
         if on_tick is not None:
             on_tick(self)
+        if FakePool.wait_for_stop:
+            assert self.stopped.wait(60), "nothing stopped the pool"
         return 0
 
     def pids(self) -> list[int]:
         return [100 + i for i in range(self.workers)]
 
     def stop(self) -> None:
-        pass
+        self.stopped.set()
 
     def stats(self) -> list[WorkerStat]:
         return [WorkerStat(100 + i, 0.0, 0, 0, True, True) for i in range(self.workers)]
@@ -911,9 +917,14 @@ def test_serve_pidfile_in_a_missing_directory(
 
 
 def test_serve_run_passes_the_device_and_its_status(
-    capsys: pytest.CaptureFixture[str], control: FakeControl, pool: type[FakePool], tmp_path: Path
+    capsys: pytest.CaptureFixture[str],
+    control: FakeControl,
+    pool: type[FakePool],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     out_file = tmp_path / "dev"
+    monkeypatch.setattr(FakePool, "wait_for_stop", True)
     code, out, err = run(
         capsys, "serve", "3", "-b", "null", "-w", "1", "--run", f'echo "$ABUSE_DEVICE" >{out_file}; exit 7'
     )
@@ -967,3 +978,11 @@ def test_serve_notifies_systemd_when_ready(
     assert "STATUS=serving /dev/abuse3 with 2 workers" in first
     assert second == "WATCHDOG=1"
     assert pool.made[0].ran == {"tick": 0.5}
+
+
+def test_serve_run_command_is_stopped_when_serving_ends_first(
+    capsys: pytest.CaptureFixture[str], control: FakeControl, pool: type[FakePool]
+) -> None:
+    # FakePool.run returns at once, as a pool whose disk was destroyed.
+    code, out, err = run(capsys, "serve", "3", "-b", "null", "-w", "1", "--run", "exec sleep 600")
+    assert code == 128 + signal.SIGTERM

@@ -402,23 +402,26 @@ def test_not_ready_until_the_workers_say_so(tmp_path: Path) -> None:
 
 def test_a_stopped_worker_is_killed_and_replaced(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     notes = tmp_path / "notes"
-    pool = Pool(7, Backend(), 2, target=functools.partial(heartbeat, notes), alive_timeout=0.5)
+    pool = Pool(7, Backend(), 2, target=functools.partial(heartbeat, notes), alive_timeout=2.0)
+
+    def gone(pid: int) -> bool:
+        return not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
 
     def stop_one(pool: Pool) -> None:
         wait_started(pool, notes, 2)
         wait_until(lambda: pool.ready)
         victim = noted(notes)[0]
         os.kill(victim, signal.SIGSTOP)
-        wait_until(lambda: pool.hung_kills == 1 and len(noted(notes)) == 3, timeout=10)
-        assert not psutil.pid_exists(victim) or psutil.Process(victim).status() == psutil.STATUS_ZOMBIE
+        # Only the stopped one is sure to be killed; a starved healthy one
+        # on a loaded host may be too, which is what liveness is for.
+        wait_until(lambda: gone(victim) and pool.ready and victim not in pool.pids(), timeout=20)
         stats = pool.stats()
-        assert sum(stat.hung_kills for stat in stats) == 1
-        assert sum(stat.restarts for stat in stats) == 1
+        assert sum(stat.hung_kills for stat in stats) == pool.hung_kills >= 1
+        assert sum(stat.restarts for stat in stats) >= 1
 
     with caplog.at_level(logging.WARNING, logger="abuse.pool"):
         assert drive(pool, stop_one) == 0
-    assert [r.getMessage() for r in caplog.records if "stopped answering" in r.getMessage()]
-    assert "; killed" in caplog.text
+    assert "stopped answering for" in caplog.text and "; killed" in caplog.text
 
 
 def test_liveness_off_leaves_a_stopped_worker(tmp_path: Path) -> None:
