@@ -216,9 +216,9 @@ def _config(**fields: int) -> Any:
     return cfg
 
 
-def _with_reserved(struct: str, index: int, value: int, **fields: int) -> Any:
+def _with_reserved(struct: str, slot: int, value: int, **fields: int) -> Any:
     arg = ffi.new(f"struct {struct} *", fields)
-    arg.__reserved[index] = value
+    arg.__reserved[slot] = value
     return arg
 
 
