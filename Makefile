@@ -5,14 +5,28 @@
 #   make bench   abuse beside loop and nbdkit, in one guest boot (slow)
 #
 # The kernel tier runs in a TCG guest (virtme-ng) when the running
-# kernel cannot load modules.  KVER names the kernel to build for.
+# kernel cannot load modules.  KVER names the kernel to build for: by
+# default the running kernel when its headers are installed, else the
+# test guest's.  The test targets always name the guest's kernel.
 
-KVER ?= $(shell scripts/guest-kernel 2>/dev/null)
+GUEST_KVER := $(shell scripts/guest-kernel 2>/dev/null)
+RUNNING_KVER := $(shell uname -r)
+ifneq ($(origin KVER),undefined)
+KVER_WHY := KVER=$(KVER)
+else ifneq ($(wildcard /lib/modules/$(RUNNING_KVER)/build/Makefile),)
+KVER := $(RUNNING_KVER)
+KVER_WHY := the running kernel
+else
+KVER := $(GUEST_KVER)
+KVER_WHY := the test guest's kernel: no headers for the running $(RUNNING_KVER)
+endif
 KDIR ?= /lib/modules/$(KVER)/build
+# The kernel the test targets build for and boot: KVER if given, else the guest's.
+TEST_KVER := $(if $(filter command line environment,$(origin KVER)),$(KVER),$(GUEST_KVER))
 PYTHON := .venv/bin/python
 PYTEST := $(PYTHON) -m pytest -p no:cacheprovider
 
-.PHONY: all deps module test test-host test-kernel test-kernel-6.12 test-faults run bench check clean \
+.PHONY: all deps module module-guest test test-host test-kernel test-kernel-6.12 test-faults run bench check clean \
 	load unload install install-module install-files install-python dkms-install
 
 all: module
@@ -21,12 +35,18 @@ deps:
 	scripts/bootstrap
 
 module:
-	@test -n "$(KVER)" || { echo "no guest kernel: run make deps" >&2; exit 1; }
+	@test -n "$(KVER)" || { echo "module: no kernel headers for $(RUNNING_KVER) and no guest kernel: run make deps" >&2; exit 1; }
+	@echo "module: building abuse.ko for $(KVER) ($(KVER_WHY))"
 	$(MAKE) -C $(KDIR) M=$(CURDIR)/kernel modules
 
-# Recursive so that KVER is read after deps has installed the kernel.
+# The module for the test guest's kernel, whatever the running one is.
+module-guest:
+	@test -n "$(GUEST_KVER)" || { echo "no guest kernel: run make deps" >&2; exit 1; }
+	$(MAKE) module KVER=$(GUEST_KVER)
+
+# Recursive so that GUEST_KVER is read after deps has installed the kernel.
 test: deps
-	$(MAKE) module
+	$(MAKE) module-guest
 	$(MAKE) check
 	$(MAKE) test-host
 	$(MAKE) test-kernel
@@ -42,7 +62,7 @@ test-kernel:
 ifeq ($(KVER),6.12)
 	$(MAKE) test-kernel-6.12 KVER=
 else
-	scripts/kernel-tier $(ARGS)
+	KVER=$(TEST_KVER) scripts/kernel-tier $(ARGS)
 endif
 
 # The kernel tier on Debian 13's 6.12 LTS.  Kernel and headers come from
@@ -60,18 +80,18 @@ test-kernel-6.12:
 # The fault suite, in its own boot (the last step of make test).  SEED=n
 # replays a failed run's random choices.
 test-faults:
-	OUT=$(CURDIR)/build/faults ABUSE_SEED=$(SEED) scripts/kernel-tier tests/kernel/faults
+	KVER=$(TEST_KVER) OUT=$(CURDIR)/build/faults ABUSE_SEED=$(SEED) scripts/kernel-tier tests/kernel/faults
 
 run: deps
-	$(MAKE) module
-	scripts/kernel-tier --run
+	$(MAKE) module-guest
+	KVER=$(GUEST_KVER) scripts/kernel-tier --run
 
 # Not part of test: slow and timing-based.  BENCH_RUNTIME=s per fio job.
 bench:
 	bench/run
 
 check:
-	scripts/check
+	KVER=$(TEST_KVER) scripts/check
 
 # Install for the running kernel (INSTALL_KVER): the module
 # (modules_install + depmod), the udev rule, the systemd unit, and
@@ -116,6 +136,8 @@ load:
 unload:
 	rmmod abuse
 
+# Works without any kernel headers: Kbuild's clean when they exist, else by hand.
 clean:
-	$(MAKE) -C $(KDIR) M=$(CURDIR)/kernel clean
+	if [ -f $(KDIR)/Makefile ]; then $(MAKE) -C $(KDIR) M=$(CURDIR)/kernel clean; fi
+	cd kernel && rm -rf *.o *.ko *.mod *.mod.c *.mod.o .*.cmd modules.order Module.symvers .tmp_versions
 	rm -rf build

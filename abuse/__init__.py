@@ -8,10 +8,11 @@ from abuse._exceptions import (
     ControlDeviceMissing,
     DiskBusy,
     DiskNotFound,
+    FeatureMissing,
     InvalidRequest,
 )
 from abuse.backends.base import Backend
-from abuse.control import Control, DiskConfig, DiskInfo
+from abuse.control import Control, DiskConfig, DiskInfo, ModuleFeatures
 from abuse.worker import Worker
 
 __version__ = "0.1.0"
@@ -26,7 +27,9 @@ __all__ = [
     "DiskConfig",
     "DiskInfo",
     "DiskNotFound",
+    "FeatureMissing",
     "InvalidRequest",
+    "ModuleFeatures",
     "Worker",
     "__version__",
 ]

@@ -5,7 +5,8 @@
     ├── AbusePermissionError    the caller may not use /dev/abuse (needs root)
     ├── DiskNotFound            no disk has that index
     ├── DiskBusy                the disk is open (destroy) or the file is taken
-    └── InvalidRequest          the kernel refused an argument (EINVAL, E2BIG)
+    ├── InvalidRequest          the kernel refused an argument (EINVAL, E2BIG)
+    └── FeatureMissing          the loaded module lacks a feature that was asked for
 
 Each carries ``errno`` and ``strerror`` and pickles, so a worker process
 can hand one to its supervisor.
@@ -22,6 +23,7 @@ __all__ = [
     "ControlDeviceMissing",
     "DiskBusy",
     "DiskNotFound",
+    "FeatureMissing",
     "InvalidRequest",
     "error_from_errno",
 ]
@@ -67,6 +69,12 @@ class DiskBusy(AbuseError):
 
 class InvalidRequest(AbuseError):
     """The kernel refused an argument."""
+
+    __module__ = "abuse"
+
+
+class FeatureMissing(AbuseError):
+    """The loaded module does not support a feature asked for (an older module)."""
 
     __module__ = "abuse"
 

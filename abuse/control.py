@@ -8,14 +8,29 @@ owns its preallocated structs and raises OSError for the caller's loop.
 from __future__ import annotations
 
 import errno
+import logging
 import os
+import select
 from dataclasses import dataclass
 from typing import Any
 
 from abuse import uapi
-from abuse._exceptions import error_from_errno
+from abuse._exceptions import FeatureMissing, error_from_errno
 
-__all__ = ["CONTROL_PATH", "COUNTER_FIELDS", "Control", "DiskConfig", "DiskInfo", "Xfer"]
+__all__ = [
+    "CONTROL_PATH",
+    "COUNTER_FIELDS",
+    "Control",
+    "DiskConfig",
+    "DiskInfo",
+    "ModuleFeatures",
+    "SYSFS_BLOCK",
+    "Xfer",
+    "sysfs_info",
+    "sysfs_workers",
+]
+
+log = logging.getLogger(__name__)
 
 CONTROL_PATH = "/dev/abuse"
 
@@ -74,6 +89,50 @@ class DiskInfo:
     counters: dict[str, int]
 
 
+@dataclass(frozen=True)
+class ModuleFeatures:
+    """What the loaded module speaks: its answer to ABUSE_IOC_VERSION.
+
+    ``features`` are ABUSE_F_* disk flags, ``xfer_features`` ABUSE_XFER_*
+    GET/PUT flags.  A version-1 module reports no xfer_features; it is
+    taken to know ABUSE_XFER_NOWAIT only (:data:`abuse.uapi.V1_XFER_FEATURES`).
+    """
+
+    version: int
+    max_batch: int
+    features: int
+    xfer_features: int
+
+    @classmethod
+    def from_answer(cls, version: int, max_batch: int, features: int, xfer_features: int) -> ModuleFeatures:
+        """The features of a VERSION answer, a version-1 module's included."""
+        if version < 2:
+            xfer_features = uapi.V1_XFER_FEATURES
+        return cls(version, max_batch, features, xfer_features)
+
+    def has_xfer(self, bit: int) -> bool:
+        """Whether GET and PUT accept ABUSE_XFER_* ``bit``."""
+        return bool(self.xfer_features & bit)
+
+    def describe(self) -> str:
+        return f"the loaded abuse module (uapi version {self.version})"
+
+    def missing(self, table: dict[str, int], bits: int) -> list[str]:
+        """Names (``ABUSE_F_FENCE``, ...) of the header's bits in ``bits`` this module lacks."""
+        have = self.features if table is uapi.DISK_FEATURES else self.xfer_features
+        return [name for name, bit in table.items() if bits & bit and not have & bit]
+
+    def require(self, disk_flags: int = 0, xfer_flags: int = 0) -> None:
+        """Raise FeatureMissing naming each known bit asked for that the module lacks.
+
+        Bits the header does not know are left for the kernel to refuse.
+        """
+        names = self.missing(uapi.DISK_FEATURES, disk_flags) + self.missing(uapi.XFER_FEATURES, xfer_flags)
+        if names:
+            words = ", ".join(f"{uapi.feature_name(name)} ({name})" for name in names)
+            raise FeatureMissing(f"{self.describe()} does not support {words}: load a newer abuse.ko")
+
+
 class Control:
     """An open /dev/abuse.  Closing it requeues what it still holds."""
 
@@ -83,6 +142,7 @@ class Control:
         except OSError as err:
             raise error_from_errno(err.errno or errno.EIO, path) from err
         self.path = path
+        self._features: ModuleFeatures | None = None
 
     def fileno(self) -> int:
         return self._fd
@@ -109,6 +169,16 @@ class Control:
         self.ioctl("VERSION", ver)
         return int(ver.version), int(ver.features)
 
+    def features(self) -> ModuleFeatures:
+        """What the loaded module supports (VERSION, asked once per Control)."""
+        if self._features is None:
+            ver = uapi.ffi.new("struct abuse_version *")
+            self.ioctl("VERSION", ver)
+            self._features = ModuleFeatures.from_answer(
+                int(ver.version), int(ver.max_batch), int(ver.features), int(ver.xfer_features)
+            )
+        return self._features
+
     def create(
         self,
         size: int,
@@ -119,7 +189,12 @@ class Control:
         timeout_ms: int = 0,
         retries: int = 0,
     ) -> DiskConfig:
-        """Create a disk; returns its config with the index filled in."""
+        """Create a disk; returns its config with the index filled in.
+
+        Raises FeatureMissing, before the kernel is asked, for a flag of
+        the header that the loaded module does not support.
+        """
+        self.features().require(disk_flags=flags & uapi.ABUSE_F_ALL)
         cfg = uapi.ffi.new("struct abuse_config *")
         cfg.size = size
         cfg.block_size = block_size
@@ -165,15 +240,61 @@ class Control:
 
     def list(self) -> list[int]:
         """Indexes of the existing disks, from sysfs."""
-        try:
-            names = os.listdir("/sys/block")
-        except OSError:
-            return []
-        found = []
-        for name in names:
-            if name.startswith("abuse") and name[5:].isdigit():
-                found.append(int(name[5:]))
-        return sorted(found)
+        return list_disks()
+
+
+SYSFS_BLOCK = "/sys/block"
+
+
+def list_disks() -> list[int]:
+    """Indexes of the existing disks, from sysfs (no privileges needed)."""
+    try:
+        names = os.listdir(SYSFS_BLOCK)
+    except OSError:
+        return []
+    found = []
+    for name in names:
+        if name.startswith("abuse") and name[5:].isdigit():
+            found.append(int(name[5:]))
+    return sorted(found)
+
+
+def _sysfs_dir(index: int) -> str:
+    return f"{SYSFS_BLOCK}/abuse{index}/abuse"
+
+
+def sysfs_info(index: int) -> DiskInfo | None:
+    """Config and counters of disk ``index`` from sysfs, readable by anyone.
+
+    None if this module exports no config there (an older module) or
+    the disk is gone.  ``flags`` is read as hex, the rest as decimal;
+    a counter the module does not export reads 0.
+    """
+    base = _sysfs_dir(index)
+    values: dict[str, int] = {"index": index}
+    try:
+        for name in _CONFIG_FIELDS[1:]:
+            with open(f"{base}/{name}") as f:
+                values[name] = int(f.read().strip(), 16 if name == "flags" else 10)
+        counters = {}
+        for name in COUNTER_FIELDS:
+            try:
+                with open(f"{base}/{name}") as f:
+                    counters[name] = int(f.read().strip())
+            except FileNotFoundError:
+                counters[name] = 0
+    except (FileNotFoundError, NotADirectoryError, ValueError):
+        return None
+    return DiskInfo(DiskConfig(**values), counters)
+
+
+def sysfs_workers(index: int) -> list[int] | None:
+    """Pids serving disk ``index`` (one per attached file), or None if not exported."""
+    try:
+        with open(f"{_sysfs_dir(index)}/workers") as f:
+            return [int(word) for word in f.read().split()]
+    except (FileNotFoundError, NotADirectoryError, ValueError):
+        return None
 
 
 def _target(index: int, flags: int) -> Any:
@@ -195,12 +316,26 @@ class Xfer:
     ``requests`` and ``replies`` are cffi arrays of ``batch`` entries;
     ``buffer`` is the data area the kernel copies into and out of.  One
     :meth:`exchange` answers the first ``nr_replies`` replies and fetches
-    up to ``batch`` new requests, in one system call.
+    up to ``limit`` (at most ``batch``) new requests, in one system call.
     """
 
     def __init__(self, control: Control, batch: int, buffer: Any, buffer_size: int) -> None:
         ffi = uapi.ffi
         self._fd = control.fileno()
+        module = control.features()
+        #: Whether GET may serve in place (ABUSE_XFER_MAPPED); else use_buffer refuses mapped.
+        self.can_map = module.has_xfer(uapi.ABUSE_XFER_MAPPED)
+        self._timed = module.has_xfer(uapi.ABUSE_XFER_TIMEOUT)
+        self._module = module
+        self._poller = select.poll()
+        self._poller.register(self._fd, select.POLLIN)
+        for bit, fallback in (
+            (uapi.ABUSE_XFER_TIMEOUT, "idle waits poll"),
+            (uapi.ABUSE_XFER_MAPPED, "serving by copy"),
+        ):
+            if not module.has_xfer(bit):
+                name = module.missing(uapi.XFER_FEATURES, bit)[0]
+                log.info("%s has no %s: %s", module.describe(), name, fallback)
         self._put = uapi.ioctls["ABUSE_IOC_PUT"]
         self.batch = batch
         self.requests = ffi.new("struct abuse_request[]", batch)
@@ -216,7 +351,16 @@ class Xfer:
         self.use_buffer(int(ffi.cast("uintptr_t", buffer)), buffer_size)
 
     def use_tokens(self) -> None:
-        """Fetch each request's fencing token too, into ``tokens`` (ABUSE_XFER_TOKENS)."""
+        """Fetch each request's fencing token too, into ``tokens`` (ABUSE_XFER_TOKENS).
+
+        FeatureMissing if the module has no tokens: a backend that relies
+        on them must not be served without.
+        """
+        if not self._module.has_xfer(uapi.ABUSE_XFER_TOKENS):
+            name = self._module.missing(uapi.XFER_FEATURES, uapi.ABUSE_XFER_TOKENS)[0]
+            raise FeatureMissing(
+                f"{self._module.describe()} has no {name}: a backend with fencing tokens needs it"
+            )
         ffi = uapi.ffi
         self.tokens = ffi.new("uint64_t[]", self.batch)
         self.arg.tokens = int(ffi.cast("uintptr_t", self.tokens))
@@ -228,6 +372,8 @@ class Xfer:
         ``mapped``: the buffer is the whole disk, mapped, and each
         request's data sits at its own offset (ABUSE_XFER_MAPPED).
         """
+        if mapped and not self.can_map:
+            raise ValueError("the loaded module cannot serve in place (no ABUSE_XFER_MAPPED)")
         self.arg.buffer = address
         self.arg.buffer_size = size
         self._mapped = uapi.ABUSE_XFER_MAPPED if mapped else 0
@@ -239,11 +385,25 @@ class Xfer:
         then blocks until a request arrives, or ``wait_ms`` passes if not
         None.  With ``fetch`` false only the PUT half runs.  Raises OSError
         with the kernel's errno (EINTR, ENODEV, ...).
+
+        On a module without ABUSE_XFER_TIMEOUT a timed wait is a NOWAIT
+        call and, if it got nothing, a poll() of ``wait_ms``; it then
+        returns 0 and the caller calls again.
         """
         arg = self.arg
         arg.nr_replies = nr_replies
         arg.max_requests = self.limit if fetch else 0
         modes = self._mapped | self._tokens
+        if wait and wait_ms is not None and not self._timed:
+            arg.flags = uapi.ABUSE_XFER_NOWAIT | modes
+            arg.timeout_ms = 0
+            if uapi.lib.ioctl(self._fd, self._put, arg) < 0:
+                err = uapi.ffi.errno
+                raise OSError(err, os.strerror(err))
+            got = int(arg.nr_requests)
+            if not got and fetch:
+                self._poller.poll(wait_ms)
+            return got
         if not wait:
             arg.flags = uapi.ABUSE_XFER_NOWAIT | modes
             arg.timeout_ms = 0

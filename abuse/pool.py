@@ -25,14 +25,33 @@ and returns 0.
 Stopping is SIGTERM to every child, ``psutil.wait_procs`` for
 ``stop_timeout`` seconds, then SIGKILL for the survivors.  A second stop
 request while waiting (Ctrl-C twice) skips straight to SIGKILL.
+
+Readiness: a child calls :func:`worker_ready` once it has attached to
+the disk (the default target does); it writes its slot and pid into a
+pipe that the supervisor's loop polls, so the pool knows at once, and
+calls ``on_ready`` when every slot's current child has attached.
+
+Liveness (gunicorn's heartbeat): each slot has a CLOCK_MONOTONIC stamp
+in a shared mapping made before any fork.  A ready child stamps it after
+every batch and every idle wake-up (:func:`worker_alive`, the Worker's
+``on_alive`` hook).  A ready child whose stamp is older than
+``alive_timeout`` seconds -- by default half the disk's request timeout,
+so that it dies before the kernel would requeue what it holds -- is
+SIGKILLed and respawned like any dead child; a SIGSTOPped or wedged
+worker is found so.  Its idle wait is then at most an eighth of the
+disk's timeout.  A child that has not attached yet holds nothing and is
+not judged.
 """
 
 from __future__ import annotations
 
 import logging
+import math
+import mmap
 import os
 import select
 import signal
+import struct
 import sys
 import threading
 import time
@@ -46,9 +65,10 @@ import psutil
 from abuse._exceptions import AbuseError
 from abuse.backends.base import Backend
 from abuse.control import Control
+from abuse.credentials import Credentials
 from abuse.worker import DEFAULT_BATCH, Worker
 
-__all__ = ["Pool", "WorkerStat", "serve_worker"]
+__all__ = ["Credentials", "Pool", "WorkerStat", "idle_ms_for", "serve_worker", "worker_alive", "worker_ready"]
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +97,62 @@ _KILL_WAIT = 5.0  # how long to wait for SIGKILLed children to be reaped
 
 Target = Callable[[int, Backend, int], None]
 
+_READY = struct.Struct("=ii")  # slot, pid: one atomic pipe write per attach
+_IDLE_MS = 200  # a worker's longest idle wait when the disk has no timeout
+
+
+@dataclass
+class _ChildLink:
+    """What a forked child knows of its pool: its slot's stamp and the ready pipe."""
+
+    stamps: Any  # cffi double[], one per slot, in the shared mapping
+    number: int
+    ready_w: int
+    credentials: Credentials | None
+    alive_timeout: float
+
+
+# Set in a child by Pool._child; None in the supervisor and outside a pool.
+_link: _ChildLink | None = None
+
+
+def worker_alive() -> None:
+    """Stamp this child's liveness slot now (no-op outside a pool's child)."""
+    link = _link
+    if link is not None:
+        link.stamps[link.number] = time.monotonic()
+
+
+def worker_ready() -> None:
+    """Tell the supervisor that this child has attached (no-op outside a pool's child)."""
+    link = _link
+    if link is None or link.ready_w < 0:
+        return
+    link.stamps[link.number] = time.monotonic()
+    os.write(link.ready_w, _READY.pack(link.number, os.getpid()))
+    os.close(link.ready_w)
+    link.ready_w = -1
+
+
+def _alive_hook() -> Callable[[], None] | None:
+    """A closure stamping this child's slot, cheap enough for every batch."""
+    link = _link
+    if link is None:
+        return None
+    stamps, number, clock = link.stamps, link.number, time.monotonic
+
+    def alive() -> None:
+        stamps[number] = clock()
+
+    return alive
+
+
+def idle_ms_for(timeout_ms: int) -> int:
+    """A worker's idle wait for a disk timeout: at most 1/8 of it, 200 ms without one."""
+    if timeout_ms <= 0:
+        return _IDLE_MS
+    return max(1, min(_IDLE_MS, timeout_ms // 8))
+
 
 @dataclass(frozen=True)
 class WorkerStat:
@@ -93,6 +169,8 @@ class WorkerStat:
     rss: int
     restarts: int
     alive: bool
+    ready: bool = False  # the current child has attached
+    hung_kills: int = 0  # children of this slot killed for a stale liveness stamp
 
 
 @dataclass
@@ -108,6 +186,9 @@ class _Slot:
     delay: float = 0.0  # current back-off
     due: float = 0.0  # time.monotonic() before which no respawn
     failures: int = 0  # consecutive deaths within quick_death of spawning
+    ready: bool = False  # the current child has attached
+    hung_kills: int = 0
+    killed_hung: bool = False  # the current child was killed for its stamp
 
 
 def _harden(mlock_flags: int = _MCL_CURRENT | _MCL_FUTURE | _MCL_ONFAULT) -> list[str]:
@@ -175,7 +256,11 @@ def serve_worker(index: int, backend: Backend, batch: int = DEFAULT_BATCH) -> No
     PR_SET_IO_FLUSHER and mlockall (warning once per process if that is
     not permitted, or not at all when the supervisor already has), makes
     SIGTERM a request to stop, then runs a :class:`~abuse.worker.Worker`
-    on a fresh :class:`~abuse.control.Control`.  Returns when SIGTERM
+    on a fresh :class:`~abuse.control.Control`.  Once attached it drops
+    to the pool's credentials (if any), tells the supervisor it is ready
+    (:func:`worker_ready`) and stamps its liveness slot after every batch
+    and idle wake-up; its idle wait is at most an eighth of the disk's
+    timeout (and a quarter of the pool's ``alive_timeout``).  Returns when SIGTERM
     arrives (after answering what it holds) or when the disk is
     destroyed; raises :class:`~abuse.AbuseError` if the control device
     or the disk cannot be used.
@@ -197,7 +282,14 @@ def serve_worker(index: int, backend: Backend, batch: int = DEFAULT_BATCH) -> No
     with Control() as control:
         worker = Worker(control, index, backend, batch)
         try:
-            worker.serve(should_stop=lambda: stopping)
+            idle_ms = idle_ms_for(control.info(index).config.timeout_ms)
+            link = _link
+            if link is not None and link.credentials is not None:
+                link.credentials.apply()  # attached as root; serve as the user
+            if link is not None and link.alive_timeout > 0:
+                idle_ms = min(idle_ms, max(1, int(link.alive_timeout * 1000 / 4)))
+            worker_ready()
+            worker.serve(should_stop=lambda: stopping, idle_ms=idle_ms, on_alive=_alive_hook())
         finally:
             worker.close()
     log.debug(
@@ -222,7 +314,11 @@ class Pool:
     """Run ``workers`` processes serving disk ``index`` and keep them running.
 
     Each child runs ``target(index, backend, batch)``, by default
-    :func:`serve_worker`.  A child that dies is respawned with back-off;
+    :func:`serve_worker`.  ``alive_timeout`` (seconds) kills a ready
+    child whose liveness stamp is older: None takes half the disk's
+    timeout (read by INFO) with the default target and turns liveness
+    off with any other; 0 turns it off.  ``credentials``: the default
+    target drops to them after it has attached.  A child that dies is respawned with back-off;
     see the module docstring for when the pool gives up or ends on its
     own.  The backend must be open before the pool starts: children are
     forked and inherit it.  Raises ``ValueError`` for a bad argument.
@@ -245,6 +341,8 @@ class Pool:
         *,
         target: Target | None = None,
         stop_timeout: float = 10.0,
+        alive_timeout: float | None = None,
+        credentials: Credentials | None = None,
     ) -> None:
         if index < 0:
             raise ValueError(f"disk index must be >= 0, not {index}")
@@ -254,6 +352,8 @@ class Pool:
             raise ValueError(f"batch must be >= 1, not {batch}")
         if stop_timeout < 0:
             raise ValueError(f"stop_timeout must be >= 0, not {stop_timeout}")
+        if alive_timeout is not None and not (math.isfinite(alive_timeout) and alive_timeout >= 0):
+            raise ValueError(f"alive_timeout must be >= 0, not {alive_timeout}")
         self.index = index
         self.backend = backend
         self.workers = workers
@@ -267,13 +367,29 @@ class Pool:
         self._stop_requests = 0
         self._result: int | None = None  # set when the pool ends on its own
         self._ran = False
+        self.alive_timeout = alive_timeout
+        self.credentials = credentials
+        self._stamps_map = mmap.mmap(-1, 8 * workers)  # shared: forked children write their slot
+        self._stamps = _ffi.from_buffer("double[]", self._stamps_map)
+        self._ready_r = -1
+        self._ready_w = -1
+        self._on_ready: Callable[[Pool], None] | None = None
+        self._was_ready = False
+        self._planned_wake = 0.0  # when the loop meant to wake up last
 
     # --- public ------------------------------------------------------------
 
-    def run(self, on_tick: Callable[[Pool], None] | None = None, tick: float = 1.0) -> int:
+    def run(
+        self,
+        on_tick: Callable[[Pool], None] | None = None,
+        tick: float = 1.0,
+        on_ready: Callable[[Pool], None] | None = None,
+    ) -> int:
         """Supervise the workers in the foreground until stopped.
 
-        Calls ``on_tick(self)`` every ``tick`` seconds.  Returns 0 after
+        Calls ``on_tick(self)`` every ``tick`` seconds, and
+        ``on_ready(self)`` once, the first time every slot's child has
+        attached (:func:`worker_ready`).  Returns 0 after
         :meth:`stop`, SIGINT or SIGTERM, or when the disk was destroyed;
         returns 1 when every worker keeps failing at start.  Signal
         handlers are installed (and restored on return) only when called
@@ -287,8 +403,14 @@ class Pool:
         if self._ran:
             raise RuntimeError("a Pool runs only once")
         self._ran = True
+        self._on_ready = on_ready
         if self._target is serve_worker:
             self._check_hardening()
+            if self.alive_timeout is None:
+                self.alive_timeout = self._disk_alive_timeout()
+        elif self.alive_timeout is None:
+            self.alive_timeout = 0.0
+        self._ready_r, self._ready_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         read_end, write_end = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         with self._lock:
             self._wake_r, self._wake_w = read_end, write_end
@@ -305,6 +427,9 @@ class Pool:
                     self._wake_r = self._wake_w = -1
                     os.close(read_end)
                     os.close(write_end)
+                os.close(self._ready_r)
+                os.close(self._ready_w)
+                self._ready_r = self._ready_w = -1
 
     def stop(self) -> None:
         """Ask :meth:`run` to stop the workers and return.
@@ -330,23 +455,38 @@ class Pool:
         result = []
         for slot in self._slots:
             proc, pid, restarts = slot.proc, slot.pid, slot.restarts
+            ready, kills = slot.ready, slot.hung_kills
             if proc is not None:
                 try:
                     with proc.oneshot():
                         if proc.status() != psutil.STATUS_ZOMBIE:
                             cpu = float(proc.cpu_percent(interval=None))
                             rss = int(proc.memory_info().rss)
-                            result.append(WorkerStat(pid, cpu, rss, restarts, True))
+                            result.append(WorkerStat(pid, cpu, rss, restarts, True, ready, kills))
                             continue
                 except psutil.Error:
                     pass
-            result.append(WorkerStat(pid, 0.0, 0, restarts, False))
+            result.append(WorkerStat(pid, 0.0, 0, restarts, False, False, kills))
         return result
 
     @property
     def restarts(self) -> int:
         """How many times any slot was respawned."""
         return sum(slot.restarts for slot in self._slots)
+
+    @property
+    def hung_kills(self) -> int:
+        """How many children were killed because their liveness stamp went stale."""
+        return sum(slot.hung_kills for slot in self._slots)
+
+    @property
+    def ready(self) -> bool:
+        """Whether every slot's current child has attached."""
+        return all(slot.proc is not None and slot.ready for slot in self._slots)
+
+    def pids(self) -> list[int]:
+        """The pids of the running children, in slot order."""
+        return [slot.pid for slot in self._slots if slot.proc is not None]
 
     # --- the loop ----------------------------------------------------------
 
@@ -360,29 +500,88 @@ class Pool:
                 return 0
             self._spawn_due()
             now = time.monotonic()
+            wake_liveness = self._check_liveness(now)
             if on_tick is not None and now >= next_tick:
                 on_tick(self)
                 next_tick += tick
                 if next_tick <= now:
                     next_tick = now + tick
-            wake = now + cap
+            wake = min(now + cap, wake_liveness)
             if on_tick is not None:
                 wake = min(wake, next_tick)
             for slot in self._slots:
                 if slot.proc is None:
                     wake = min(wake, slot.due)
+            self._planned_wake = wake
             self._sleep(wake - time.monotonic())
 
     def _sleep(self, timeout: float) -> None:
-        """Wait for a signal, a stop() or the timeout; drain the pipe."""
+        """Wait for a signal, a stop(), a ready child or the timeout; drain the pipes."""
         poller = select.poll()
         poller.register(self._wake_r, select.POLLIN)
+        poller.register(self._ready_r, select.POLLIN)
         if poller.poll(max(0, int(timeout * 1000) + 1)):
             try:
                 while os.read(self._wake_r, 4096):
                     pass
             except BlockingIOError:
                 pass
+            self._read_ready()
+
+    def _read_ready(self) -> None:
+        """Mark the slots whose current child said it attached; call on_ready once."""
+        try:
+            data = os.read(self._ready_r, _READY.size * 256)
+        except BlockingIOError:
+            return
+        for number, pid in _READY.iter_unpack(data[: len(data) - len(data) % _READY.size]):
+            slot = self._slots[number] if 0 <= number < len(self._slots) else None
+            if slot is not None and slot.proc is not None and slot.pid == pid:
+                slot.ready = True
+                log.debug("worker %d (pid %d) attached", number, pid)
+        if not self._was_ready and self.ready:
+            self._was_ready = True
+            log.info("abuse%d: all %d workers attached", self.index, self.workers)
+            if self._on_ready is not None:
+                self._on_ready(self)
+
+    def _disk_alive_timeout(self) -> float:
+        """Half the disk's request timeout (INFO), 0 if it has none or cannot be read."""
+        try:
+            with Control() as control:
+                timeout_ms = control.info(self.index).config.timeout_ms
+        except AbuseError as err:
+            log.debug("no liveness for abuse%d: %s", self.index, err)
+            return 0.0
+        return timeout_ms / 2000
+
+    def _check_liveness(self, now: float) -> float:
+        """SIGKILL every ready child whose stamp is too old; when to look again."""
+        limit = self.alive_timeout or 0.0
+        if limit <= 0:
+            return math.inf
+        late = self._planned_wake and now - self._planned_wake > limit / 2
+        next_check = math.inf
+        for slot in self._slots:
+            if slot.proc is None or not slot.ready or slot.killed_hung:
+                continue
+            stamp = self._stamps[slot.number]
+            if late:
+                # The supervisor itself was stopped or starved: it cannot
+                # tell a silent worker from its own absence.  Judge afresh.
+                stamp = self._stamps[slot.number] = max(stamp, now)
+            age = now - stamp
+            if age < limit:
+                next_check = min(next_check, stamp + limit)
+                continue
+            try:
+                os.kill(slot.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                continue  # already dead: the reap will see it
+            slot.killed_hung = True
+            slot.hung_kills += 1
+            log.warning("worker %d (pid %d) stopped answering for %.1f s; killed", slot.number, slot.pid, age)
+        return next_check
 
     def _reap(self) -> None:
         """Collect every child that has exited, by its own pid only.
@@ -405,6 +604,8 @@ class Pool:
         now = time.monotonic()
         lived = now - slot.started
         slot.proc = None
+        slot.ready = False
+        killed_hung, slot.killed_hung = slot.killed_hung, False
         if self._stop_requests or self._result is not None:
             log.debug("worker %d (pid %d) %s while stopping", slot.number, slot.pid, _describe(code))
             return
@@ -434,7 +635,8 @@ class Pool:
             )
             self._result = 1
             return
-        log.warning(
+        log.log(
+            logging.INFO if killed_hung else logging.WARNING,
             "worker %d (pid %d) %s after %.1fs; restarting in %.1fs",
             slot.number,
             slot.pid,
@@ -464,6 +666,9 @@ class Pool:
         # Until the child has reset its handlers, a signal to it would run
         # the supervisor's handler there and be lost: hold them pending.
         mask = signal.pthread_sigmask(signal.SIG_BLOCK, _HANDLED_SIGNALS)
+        self._stamps[slot.number] = time.monotonic()
+        slot.ready = False
+        slot.killed_hung = False
         try:
             pid = os.fork()
             if pid == 0:
@@ -490,10 +695,15 @@ class Pool:
         ``mask`` is the signal mask to restore once the supervisor's
         handlers are gone.
         """
+        global _link
         code = 1
         try:
             os.close(self._wake_r)
             os.close(self._wake_w)
+            os.close(self._ready_r)
+            _link = _ChildLink(
+                self._stamps, number, self._ready_w, self.credentials, self.alive_timeout or 0.0
+            )
             signal.set_wakeup_fd(-1)
             signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the supervisor's to forward
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
@@ -549,6 +759,7 @@ class Pool:
                 log.error("worker pid %d survived SIGKILL for %.0fs", proc.pid, _KILL_WAIT)
         for slot in self._slots:
             slot.proc = None
+            slot.ready = False
 
     # --- hardening and signals -----------------------------------------------
 

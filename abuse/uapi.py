@@ -15,7 +15,20 @@ from typing import Any
 import cffi
 import ioctl_opt
 
-__all__ = ["HEADER_TEXT", "constants", "ffi", "ioctls", "lib", "sizeof", "struct_format"]
+__all__ = [
+    "DISK_FEATURES",
+    "HEADER_TEXT",
+    "V1_XFER_FEATURES",
+    "XFER_FEATURES",
+    "constants",
+    "feature_name",
+    "feature_names",
+    "ffi",
+    "ioctls",
+    "lib",
+    "sizeof",
+    "struct_format",
+]
 
 _TYPES_PRELUDE = """
 typedef uint8_t __u8; typedef uint16_t __u16; typedef uint32_t __u32;
@@ -96,6 +109,42 @@ globals().update(constants)
 globals().update(ioctls)
 
 
+def _feature_bits(prefix: str) -> dict[str, int]:
+    """The single-bit ``#define``s named ``<prefix>*`` (``_ALL`` aside), by name, in bit order."""
+    bits = {
+        name: value
+        for name, value in constants.items()
+        if name.startswith(prefix) and name != prefix + "ALL" and value and not value & (value - 1)
+    }
+    return dict(sorted(bits.items(), key=lambda item: item[1]))
+
+
+#: Disk features (``ABUSE_F_*``: abuse_config.flags, abuse_version.features), from the header.
+DISK_FEATURES: dict[str, int] = _feature_bits("ABUSE_F_")
+#: GET/PUT features (``ABUSE_XFER_*``: abuse_xfer.flags, abuse_version.xfer_features).
+XFER_FEATURES: dict[str, int] = _feature_bits("ABUSE_XFER_")
+#: What a version-1 module accepts, which reports no xfer_features: TIMEOUT
+#: and MAPPED came after it without a bit, so only NOWAIT is sure.
+V1_XFER_FEATURES = constants["ABUSE_XFER_NOWAIT"]
+
+
+def feature_name(name: str) -> str:
+    """The word of a feature macro: ``ABUSE_F_WRITE_ZEROES`` -> ``write-zeroes``."""
+    for prefix in ("ABUSE_F_", "ABUSE_XFER_"):
+        if name.startswith(prefix):
+            name = name[len(prefix) :]
+    return name.lower().replace("_", "-")
+
+
+def feature_names(bits: int, table: dict[str, int]) -> list[str]:
+    """The words of the bits of ``table`` set in ``bits``; unknown bits as one hex word."""
+    words = [feature_name(name) for name, bit in table.items() if bits & bit]
+    unknown = bits & ~sum(table.values())
+    if unknown:
+        words.append(hex(unknown))
+    return words
+
+
 def sizeof(struct: str) -> int:
     """Size in bytes of ``struct <struct>`` as laid out by the header."""
     return int(ffi.sizeof(f"struct {struct}"))
@@ -114,7 +163,8 @@ _STRUCT_CODES = {
 def struct_format(struct: str) -> str:
     """A :mod:`struct` format for ``struct <struct>``, derived from its cffi layout.
 
-    Native byte order, one code per field in order, so that arrays of
+    Native byte order, one code per field in order (an array of N
+    integers, N codes), so that arrays of
     descriptors can be read with ``iter_unpack`` and written with
     ``pack_into`` without a cffi object per field.  Raises ValueError if
     a field is not a plain integer or the struct has implicit padding.
@@ -123,10 +173,13 @@ def struct_format(struct: str) -> str:
     codes = []
     offset = 0
     for name, field in ctype.fields:
-        code = _STRUCT_CODES.get(field.type.cname)
+        ftype, count = field.type, 1
+        if ftype.kind == "array" and ftype.length is not None:
+            ftype, count = ftype.item, ftype.length  # __u64 __reserved[N]: N codes
+        code = _STRUCT_CODES.get(ftype.cname)
         if code is None or field.offset != offset:
             raise ValueError(f"struct {struct}: field {name} has no plain struct code")
-        codes.append(code)
+        codes.append(code * count)
         offset += ffi.sizeof(field.type)
     if offset != ffi.sizeof(ctype):
         raise ValueError(f"struct {struct}: trailing padding")

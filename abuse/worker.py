@@ -95,7 +95,7 @@ class Worker:
         self._requests = memoryview(uapi.ffi.buffer(self._xfer.requests))
         self._replies = memoryview(uapi.ffi.buffer(self._xfer.replies))
         mapping = backend.mapping()
-        self.in_place = mapping is not None and mapping[1] >= config.size
+        self.in_place = mapping is not None and mapping[1] >= config.size and self._xfer.can_map
         if self.in_place:
             assert mapping is not None
             self._xfer.use_buffer(*mapping, mapped=True)
@@ -106,16 +106,25 @@ class Worker:
         self._batch = batch
         self._per_request_ns = 0  # moving average of a request's service time
 
-    def serve(self, should_stop: Callable[[], bool] = lambda: False, idle_ms: int = 200) -> None:
+    def serve(
+        self,
+        should_stop: Callable[[], bool] = lambda: False,
+        idle_ms: int = 200,
+        on_alive: Callable[[], None] | None = None,
+    ) -> None:
         """Serve until ``should_stop()`` is true, then answer what is held.
 
         ``should_stop`` is checked after every batch and at least every
-        ``idle_ms``; a signal also cuts the wait short.  Returns when the
+        ``idle_ms``; a signal also cuts the wait short.  ``on_alive()``,
+        if given, is called at the same points (after every batch and
+        every idle wake-up): the pool's liveness stamp.  Returns when the
         disk is destroyed.
         """
         xfer = self._xfer
         answered = 0
+        alive = on_alive if on_alive is not None else _nothing
         while True:
+            alive()
             stopping = should_stop()
             try:
                 got = xfer.exchange(answered, wait=True, fetch=not stopping, wait_ms=idle_ms)
@@ -248,6 +257,10 @@ class Worker:
         self._view.release()
         uapi.ffi.release(self._pointer)
         self._mmap.close()
+
+
+def _nothing() -> None:
+    pass
 
 
 def _failure(err: Exception, op: int, offset: int, length: int) -> int:

@@ -7,9 +7,9 @@ import re
 
 from abuse import control as _control
 from abuse._exceptions import DiskNotFound
-from abuse.control import Control, DiskInfo
+from abuse.control import Control, DiskInfo, list_disks, sysfs_info
 
-__all__ = ["disk_info", "open_control", "parse_dev"]
+__all__ = ["disk_info", "disk_indexes", "open_control", "parse_dev", "read_disk"]
 
 _DEV = re.compile(r"(?:(?:/dev/)?abuse)?(0|[1-9][0-9]*)")
 _INDEX_MAX = (1 << 32) - 1
@@ -45,3 +45,21 @@ def disk_info(control: Control, index: int) -> DiskInfo:
         return control.info(index)
     except DiskNotFound as err:
         raise DiskNotFound(f"/dev/abuse{index}: no such abuse disk", err.errno) from None
+
+
+def disk_indexes() -> list[int]:
+    """Indexes of the existing disks, from sysfs: needs no privileges."""
+    return list_disks()
+
+
+def read_disk(index: int) -> DiskInfo:
+    """Config and counters of disk ``index``: from sysfs, readable by anyone,
+    or, where the module exports no config there, by INFO on /dev/abuse.
+
+    Raises DiskNotFound naming ``/dev/abuseN``.
+    """
+    info = sysfs_info(index)
+    if info is not None:
+        return info
+    with open_control() as control:
+        return disk_info(control, index)

@@ -8,15 +8,6 @@ from abuse.sizes import format_size
 
 __all__ = ["TABLE_COLUMNS", "disk_record", "flag_words", "table", "table_row"]
 
-_FLAG_WORDS = (
-    (uapi.ABUSE_F_READ_ONLY, "read-only"),
-    (uapi.ABUSE_F_FLUSH, "flush"),
-    (uapi.ABUSE_F_DISCARD, "discard"),
-    (uapi.ABUSE_F_WRITE_ZEROES, "write-zeroes"),
-    (uapi.ABUSE_F_ROTATIONAL, "rotational"),
-    (uapi.ABUSE_F_FENCE, "fence"),
-)
-
 #: Header of ``abusectl status``; counters are named as in struct abuse_counters.
 TABLE_COLUMNS = (
     "INDEX",
@@ -30,21 +21,24 @@ TABLE_COLUMNS = (
     "ERRORS",
     "REQUEUED",
     "ATTACHED",
+    "PIDS",
 )
 _COUNTERS = ("queued", "in_flight", "completed", "errors", "requeued", "attached")
 
 
 def flag_words(flags: int) -> list[str]:
-    """ABUSE_F_* bits as words (``read-only``, ``flush``, ...); unknown bits in hex."""
-    words = [word for bit, word in _FLAG_WORDS if flags & bit]
-    unknown = flags & ~uapi.ABUSE_F_ALL
-    if unknown:
-        words.append(hex(unknown))
-    return words
+    """ABUSE_F_* bits as words (``read-only``, ``flush``, ...); unknown bits in hex.
+
+    The words come from the header's macro names (abuse.uapi.DISK_FEATURES).
+    """
+    return uapi.feature_names(flags, uapi.DISK_FEATURES)
 
 
-def disk_record(info: DiskInfo) -> dict[str, object]:
-    """One disk as a JSON-ready dict: config, flag words and every counter."""
+def disk_record(info: DiskInfo, workers: list[int] | None = None) -> dict[str, object]:
+    """One disk as a JSON-ready dict: config, flag words, every counter, serving pids.
+
+    ``workers`` is None when the module does not say who serves the disk.
+    """
     config = info.config
     return {
         "index": config.index,
@@ -57,15 +51,17 @@ def disk_record(info: DiskInfo) -> dict[str, object]:
         "timeout_ms": config.timeout_ms,
         "retries": config.retries,
         **info.counters,
+        "workers": workers,
     }
 
 
-def table_row(info: DiskInfo) -> list[str]:
+def table_row(info: DiskInfo, workers: list[int] | None = None) -> list[str]:
     """One disk as the cells of :data:`TABLE_COLUMNS`."""
     config = info.config
     flags = ",".join(flag_words(config.flags)) or "-"
     cells = [str(config.index), config.path, format_size(config.size), str(config.block_size), flags]
-    return cells + [str(info.counters.get(name, 0)) for name in _COUNTERS]
+    pids = ",".join(map(str, workers)) if workers else "-"
+    return cells + [str(info.counters.get(name, 0)) for name in _COUNTERS] + [pids]
 
 
 def table(header: tuple[str, ...], rows: list[list[str]]) -> list[str]:

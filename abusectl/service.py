@@ -54,11 +54,16 @@ def _write_record(record: Path, path: str) -> None:
     tmp.replace(record)
 
 
-def reuse_or_create(control: Control, size: int, record: Path | None) -> DiskConfig:
+def reuse_or_create(
+    control: Control,
+    size: int,
+    record: Path | None,
+    flags: int = uapi.ABUSE_F_FLUSH | uapi.ABUSE_F_FENCE,
+) -> DiskConfig:
     """The disk named in ``record`` if it exists unserved, else a new disk.
 
-    A new disk has ``size`` and the defaults of ``abusectl create``; its
-    path goes into ``record``.  A recorded disk of another size, or one
+    A new disk has ``size``, ``flags`` (ABUSE_F_*) and the defaults of
+    ``abusectl create``; its path goes into ``record``.  A recorded disk of another size, or one
     that another process serves, is an AbuseError rather than a second
     disk.
     """
@@ -66,12 +71,7 @@ def reuse_or_create(control: Control, size: int, record: Path | None) -> DiskCon
         config = _recorded(control, record, size)
         if config is not None:
             return config
-    config = control.create(
-        size,
-        flags=uapi.ABUSE_F_FLUSH | uapi.ABUSE_F_FENCE,
-        timeout_ms=CREATE_TIMEOUT_MS,
-        retries=CREATE_RETRIES,
-    )
+    config = control.create(size, flags=flags, timeout_ms=CREATE_TIMEOUT_MS, retries=CREATE_RETRIES)
     if record is not None:
         _write_record(record, config.path)
     return config

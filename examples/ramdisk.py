@@ -8,7 +8,7 @@ from abuse import Backend
 
 
 class RamDisk(Backend):
-    can_flush = True
+    shared_state = False  # the bytearray is this process's own: one worker only
 
     def __init__(self, size: int) -> None:
         self.size = size

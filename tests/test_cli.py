@@ -10,7 +10,10 @@ from __future__ import annotations
 import errno
 import io
 import json
+import os
+import signal
 import sys
+import threading
 import types
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +24,7 @@ import pytest
 import abuse
 import abuse.control
 import abusectl.devices
-from abuse import DiskConfig, DiskInfo, uapi
+from abuse import DiskConfig, DiskInfo, ModuleFeatures, uapi
 from abuse._exceptions import AbuseError, error_from_errno
 from abuse.backends import Backend, MemoryBackend
 from abuse.control import CONTROL_PATH
@@ -30,6 +33,7 @@ from abusectl.commands.serve import StatusLine
 from abusectl.devices import parse_dev
 
 G = 1 << 30
+COMMAND_NAMES = ("create", "serve", "status", "list", "reset", "resize", "destroy", "features")
 COUNTERS = abuse.control.COUNTER_FIELDS
 
 
@@ -74,6 +78,7 @@ class FakeControl:
         self.disks = {info.config.index: info for info in disks}
         self.calls: list[tuple[str, Any]] = []
         self.busy = False
+        self.module = FULL_MODULE
 
     def __enter__(self) -> FakeControl:
         return self
@@ -107,6 +112,12 @@ class FakeControl:
     def resize(self, index: int, size: int) -> None:
         self.calls.append(("resize", (index, size)))
 
+    def features(self) -> ModuleFeatures:
+        return self.module
+
+
+FULL_MODULE = ModuleFeatures.from_answer(uapi.ABUSE_VERSION, 1024, uapi.ABUSE_F_ALL, uapi.ABUSE_XFER_ALL)
+
 
 @pytest.fixture
 def control(monkeypatch: pytest.MonkeyPatch) -> FakeControl:
@@ -114,6 +125,7 @@ def control(monkeypatch: pytest.MonkeyPatch) -> FakeControl:
         disk(0), disk(3, size=512 << 20, flags=uapi.ABUSE_F_READ_ONLY, completed=42, attached=2)
     )
     monkeypatch.setattr(abusectl.devices, "Control", lambda path: fake)
+    monkeypatch.setattr(abusectl.devices, "list_disks", fake.list)
     return fake
 
 
@@ -124,26 +136,46 @@ class WorkerStat:
     rss: int
     restarts: int
     alive: bool
+    ready: bool = True
 
 
 class FakePool:
     """Stands in for abuse.pool.Pool (written in parallel); records its use."""
 
     made: list[FakePool] = []
+    wait_for_stop = False  # run() returns only after stop(), as the real one
 
-    def __init__(self, index: int, backend: Backend, workers: int, batch: int = 64) -> None:
+    def __init__(self, index: int, backend: Backend, workers: int, batch: int = 64, **kwargs: Any) -> None:
         self.index, self.backend, self.workers, self.batch = index, backend, workers, batch
+        self.kwargs = kwargs
+        self.stopped = threading.Event()
         self.restarts = 0
+        self.hung_kills = 0
         self.ran: dict[str, Any] = {}
         FakePool.made.append(self)
 
-    def run(self, on_tick: Any = None, tick: float = 1.0) -> int:
-        self.ran = {"on_tick": on_tick, "tick": tick}
+    def run(self, on_tick: Any = None, tick: float = 1.0, on_ready: Any = None) -> int:
+        self.ran = {"tick": tick}
         self.backend_size_at_run = self.backend.size
+        hook = getattr(FakePool, "run_hook", None)
+        if hook is not None:
+            hook()
+        if on_ready is not None:
+            on_ready(self)
+        if on_tick is not None:
+            on_tick(self)
+        if FakePool.wait_for_stop:
+            assert self.stopped.wait(60), "nothing stopped the pool"
         return 0
 
+    def pids(self) -> list[int]:
+        return [100 + i for i in range(self.workers)]
+
+    def stop(self) -> None:
+        self.stopped.set()
+
     def stats(self) -> list[WorkerStat]:
-        return [WorkerStat(100 + i, 0.0, 0, 0, True) for i in range(self.workers)]
+        return [WorkerStat(100 + i, 0.0, 0, 0, True, True) for i in range(self.workers)]
 
 
 @pytest.fixture
@@ -158,13 +190,24 @@ def pool(monkeypatch: pytest.MonkeyPatch) -> type[FakePool]:
 # --- version, help, usage -------------------------------------------------
 
 
-def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+def test_version_without_the_module(capsys: pytest.CaptureFixture[str]) -> None:
     code, out, err = run(capsys, "--version")
     assert code == 0
-    assert out == f"abusectl {abuse.__version__} (uapi {uapi.ABUSE_VERSION})\n"
+    library, module = out.splitlines()
+    assert library == f"abusectl {abuse.__version__} (uapi {uapi.ABUSE_VERSION})"
+    assert module.startswith("module: unknown (") and "not found" in module
 
 
-@pytest.mark.parametrize("verb", ["create", "serve", "status", "list", "reset", "resize", "destroy"])
+def test_version_names_the_loaded_module(capsys: pytest.CaptureFixture[str], control: FakeControl) -> None:
+    control.module = ModuleFeatures.from_answer(1, 1024, 0x1F, 0)
+    code, out, err = run(capsys, "--version")
+    assert (code, err) == (0, "")
+    assert out.splitlines()[1] == "module: uapi 1"
+
+
+@pytest.mark.parametrize(
+    "verb", ["create", "serve", "status", "list", "reset", "resize", "destroy", "features"]
+)
 def test_help(capsys: pytest.CaptureFixture[str], verb: str) -> None:
     code, out, err = run(capsys, verb, "--help")
     assert code == 0
@@ -176,7 +219,7 @@ def test_help(capsys: pytest.CaptureFixture[str], verb: str) -> None:
     [
         ([], "required: COMMAND"),
         (["frobnicate"], "invalid choice: 'frobnicate'"),
-        (["create"], "required: --size"),
+        (["create"], "required: -s/--size"),
         (["create", "--size", "0"], "invalid size '0': must be greater than zero"),
         (["create", "--size", "ten"], "invalid size 'ten'"),
         (["create", "--size=-1G"], "invalid size '-1G'"),
@@ -189,16 +232,26 @@ def test_help(capsys: pytest.CaptureFixture[str], verb: str) -> None:
         (["serve", "0", "--backend", "bogus", "--workers", "1"], "bad backend 'bogus'"),
         (["serve", "0", "--backend", "file:", "--workers", "1"], "bad backend 'file:'"),
         (["serve", "0", "--backend", "memory", "--workers", "0"], "invalid count '0'"),
-        (["serve", "0", "--backend", "memory"], "required: --workers"),
+        (["serve", "0", "--backend", "memory"], "required: -w/--workers"),
         (["serve", "/dev/sda", "--backend", "memory", "--workers", "1"], "not an abuse disk: /dev/sda"),
         (["serve", "foo", "--backend", "memory", "--workers", "1"], "not an abuse disk: foo"),
         (["status", "/dev/sda"], "not an abuse disk: /dev/sda"),
         (["status", "foo"], "not an abuse disk: foo"),
         (["reset", "/dev/abuse0p1"], "not an abuse disk: /dev/abuse0p1"),
         (["resize", "0", "--size", "ten"], "invalid size 'ten'"),
-        (["resize", "0"], "required: --size"),
+        (["resize", "0"], "required: -s/--size"),
         (["destroy", "sda"], "not an abuse disk: sda"),
-        (["destroy"], "required: DEV"),
+        (["create", "-s", "1G", "--index", "-1"], "invalid disk index '-1'"),
+        (["create", "-s", "1G", "--index", "x"], "invalid disk index 'x'"),
+        (["create", "-s", "1G", "-i", "4294967296"], "invalid disk index '4294967296'"),
+        (["serve", "0", "-b", "memory", "-w", "1", "--user", "no-such-user-here"], "no such user"),
+        (["serve", "0", "-b", "memory", "-w", "1", "-u", "4000000000"], "no such user"),
+        (["serve", "0", "-b", "memory", "-w", "1", "--group", "no-such-group-here"], "no such group"),
+        (["serve", "0", "-b", "memory", "-w", "1", "--pidfile"], "--pidfile: expected one argument"),
+        (["serve", "0", "-b", "memory", "-w", "1", "--run"], "--run: expected one argument"),
+        (["serve", "0", "-b", "memory", "-w", "x"], "invalid count 'x'"),
+        (["status", "--bogus"], "unrecognized arguments: --bogus"),
+        (["features", "extra"], "unrecognized arguments: extra"),
     ],
 )
 def test_usage_errors_are_one_line(capsys: pytest.CaptureFixture[str], argv: list[str], says: str) -> None:
@@ -221,10 +274,9 @@ def test_missing_module_message_names_dev_abuse() -> None:
     "argv",
     [
         ["create", "--size", "10G"],
-        ["status"],
         ["status", "0"],
-        ["status", "--json"],
-        ["list"],
+        ["features"],
+        ["destroy", "--all"],
         ["reset", "0"],
         ["reset", "abuse0", "--fail"],
         ["resize", "/dev/abuse0", "--size", "1G"],
@@ -250,7 +302,7 @@ def test_permission_denied_is_one_line(
         raise error_from_errno(errno.EACCES, path)
 
     monkeypatch.setattr(abusectl.devices, "Control", denied)
-    code, out, err = run(capsys, "list")
+    code, out, err = run(capsys, "features")
     assert code == 1
     assert "Permission denied" in one_line(err)
 
@@ -261,7 +313,7 @@ def test_bugs_are_not_hidden(monkeypatch: pytest.MonkeyPatch) -> None:
 
     monkeypatch.setattr(abusectl.devices, "Control", broken)
     with pytest.raises(RuntimeError):
-        main(["list"])
+        main(["features"])
 
 
 # --- DEV names --------------------------------------------------------------
@@ -374,15 +426,29 @@ def test_status_table(capsys: pytest.CaptureFixture[str], control: FakeControl) 
         "ERRORS",
         "REQUEUED",
         "ATTACHED",
+        "PIDS",
     ]
-    assert rows[0].split() == ["0", "/dev/abuse0", "10G", "4096", "flush", "0", "0", "0", "0", "0", "0"]
-    assert rows[1].split() == ["3", "/dev/abuse3", "512M", "4096", "read-only", "0", "0", "42", "0", "0", "2"]
+    assert rows[0].split() == ["0", "/dev/abuse0", "10G", "4096", "flush", "0", "0", "0", "0", "0", "0", "-"]
+    assert rows[1].split() == [
+        "3",
+        "/dev/abuse3",
+        "512M",
+        "4096",
+        "read-only",
+        "0",
+        "0",
+        "42",
+        "0",
+        "0",
+        "2",
+        "-",
+    ]
 
 
 def test_status_json(capsys: pytest.CaptureFixture[str], control: FakeControl) -> None:
     code, out, err = run(capsys, "status", "/dev/abuse3", "--json")
     assert code == 0
-    (record,) = json.loads(out)
+    (record,) = json.loads(out)["disks"]
     assert record["index"] == 3
     assert record["path"] == "/dev/abuse3"
     assert record["size"] == 512 << 20
@@ -399,7 +465,9 @@ def test_status_of_a_missing_disk(capsys: pytest.CaptureFixture[str], control: F
 
 def test_list(capsys: pytest.CaptureFixture[str], control: FakeControl) -> None:
     assert run(capsys, "list") == (0, "/dev/abuse0\n/dev/abuse3\n", "")
-    assert json.loads(run(capsys, "list", "--json")[1]) == ["/dev/abuse0", "/dev/abuse3"]
+    assert json.loads(run(capsys, "list", "--json")[1]) == {
+        "disks": [{"index": 0, "path": "/dev/abuse0"}, {"index": 3, "path": "/dev/abuse3"}]
+    }
 
 
 # --- reset, resize, destroy ---------------------------------------------------
@@ -453,7 +521,7 @@ def test_serve(capsys: pytest.CaptureFixture[str], control: FakeControl, pool: t
     assert (made.index, made.workers, made.batch) == (3, 2, 8)
     assert isinstance(made.backend, MemoryBackend)
     assert made.backend_size_at_run == 512 << 20
-    assert made.ran == {"on_tick": None, "tick": 1.0}  # stdout is not a terminal
+    assert made.ran == {"tick": 1.0}
     assert made.backend.fd == -1, "backend closed after the pool returned"
 
 
@@ -555,7 +623,15 @@ def test_serve_create_records_the_new_disk(
     assert code == 0, err
     assert control.calls[0] == (
         "create",
-        {"size": G, "flags": uapi.ABUSE_F_FLUSH | uapi.ABUSE_F_FENCE, "timeout_ms": 30000, "retries": 3},
+        {
+            "size": G,
+            "flags": uapi.ABUSE_F_FLUSH
+            | uapi.ABUSE_F_DISCARD
+            | uapi.ABUSE_F_WRITE_ZEROES
+            | uapi.ABUSE_F_FENCE,
+            "timeout_ms": 30000,
+            "retries": 3,
+        },
     )
     assert record.read_text() == "/dev/abuse2\n"
     assert pool.made[0].index == 2
@@ -627,3 +703,299 @@ def test_serve_create_usage(
     assert code == 1
     assert one_line(err) == f"abusectl: {message}"
     assert control.calls == []
+
+
+# --- features, versions ---------------------------------------------------------
+
+
+def test_features_lists_every_header_bit(capsys: pytest.CaptureFixture[str], control: FakeControl) -> None:
+    control.module = ModuleFeatures.from_answer(1, 1024, 0x1F, 0)  # a version-1 module
+    code, out, err = run(capsys, "features")
+    assert (code, err) == (0, "")
+    first, header, *rows = out.splitlines()
+    assert "uapi version 1" in first
+    table_ = {row.split()[2]: row.split()[3] for row in rows}
+    assert set(table_) == set(uapi.DISK_FEATURES) | set(uapi.XFER_FEATURES)
+    assert table_["ABUSE_F_FENCE"] == "no" and table_["ABUSE_F_DISCARD"] == "yes"
+    assert table_["ABUSE_XFER_NOWAIT"] == "yes" and table_["ABUSE_XFER_MAPPED"] == "no"
+    record = json.loads(run(capsys, "features", "--json")[1])
+    assert record["module"]["uapi"] == 1
+    assert record["module"]["xfer_features"] == ["nowait"]
+    assert "fence" not in record["module"]["features"]
+
+
+def test_feature_names_come_from_the_header() -> None:
+    header = uapi.HEADER_TEXT
+    for name in list(uapi.DISK_FEATURES) + list(uapi.XFER_FEATURES):
+        assert f"#define {name}" in header
+    assert "ABUSE_F_ALL" not in uapi.DISK_FEATURES
+    assert sum(uapi.DISK_FEATURES.values()) == uapi.ABUSE_F_ALL
+    assert sum(uapi.XFER_FEATURES.values()) == uapi.ABUSE_XFER_ALL
+    assert uapi.feature_names(uapi.ABUSE_F_WRITE_ZEROES | 1 << 40, uapi.DISK_FEATURES) == [
+        "write-zeroes",
+        hex(1 << 40),
+    ]
+
+
+def test_create_refuses_a_flag_the_module_lacks(
+    capsys: pytest.CaptureFixture[str], control: FakeControl
+) -> None:
+    control.module = ModuleFeatures.from_answer(1, 1024, 0x1F, 0)
+    with pytest.raises(abuse.FeatureMissing) as info:
+        control.module.require(disk_flags=uapi.ABUSE_F_FENCE)
+    assert str(info.value) == (
+        "the loaded abuse module (uapi version 1) does not support fence (ABUSE_F_FENCE): "
+        "load a newer abuse.ko"
+    )
+
+
+# --- create --index, destroy --all, -v anywhere -------------------------------------
+
+
+def test_create_index_that_is_next(capsys: pytest.CaptureFixture[str], control: FakeControl) -> None:
+    control.disks.pop(3)
+    assert run(capsys, "create", "-s", "1G", "--index", "1") == (0, "/dev/abuse1\n", "")
+
+
+@pytest.mark.parametrize(
+    ("index", "says"),
+    [("0", "/dev/abuse0 exists"), ("7", "cannot create /dev/abuse7: the module gives the lowest free index")],
+)
+def test_create_index_refused(
+    capsys: pytest.CaptureFixture[str], control: FakeControl, index: str, says: str
+) -> None:
+    code, out, err = run(capsys, "create", "-s", "1G", "-i", index)
+    assert code == 1
+    assert says in one_line(err)
+    assert not [call for call in control.calls if call[0] == "create"]
+
+
+def test_destroy_all(capsys: pytest.CaptureFixture[str], control: FakeControl) -> None:
+    assert run(capsys, "destroy", "--all", "-f") == (0, "", "")
+    assert [call for call in control.calls if call[0] == "destroy"] == [
+        ("destroy", (0, True)),
+        ("destroy", (3, True)),
+    ]
+
+
+@pytest.mark.parametrize("argv", [["destroy"], ["destroy", "0", "--all"]])
+def test_destroy_needs_dev_or_all(
+    capsys: pytest.CaptureFixture[str], control: FakeControl, argv: list[str]
+) -> None:
+    code, out, err = run(capsys, *argv)
+    assert code == 1
+    assert one_line(err) == "abusectl: destroy takes DEV or --all"
+
+
+@pytest.mark.parametrize("argv", [["-v", "list"], ["list", "-v"], ["list", "--verbose"]])
+def test_verbose_anywhere(capsys: pytest.CaptureFixture[str], control: FakeControl, argv: list[str]) -> None:
+    from abusectl.cli import build_parser
+
+    assert build_parser().parse_args(argv).verbose is True
+    assert run(capsys, *argv)[0] == 0
+
+
+def test_short_options(
+    capsys: pytest.CaptureFixture[str], control: FakeControl, pool: type[FakePool]
+) -> None:
+    assert run(capsys, "serve", "3", "-b", "memory", "-w", "2")[0] == 0
+    assert pool.made[0].workers == 2
+
+
+# --- list and status through sysfs ----------------------------------------------
+
+
+@pytest.fixture
+def sysfs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A fake /sys/block with abuse4, as the module exports it."""
+    base = tmp_path / "block"
+    files = {
+        "block_size": "512",
+        "size": str(G),
+        "flags": "0x6",
+        "queue_depth": "128",
+        "max_request_bytes": "1048576",
+        "timeout_ms": "2000",
+        "retries": "3",
+        "completed": "17",
+        "attached": "2",
+        "workers": "4242 4243",
+    }
+    (base / "abuse4" / "abuse").mkdir(parents=True)
+    (base / "sda").mkdir()
+    for name, text in files.items():
+        (base / "abuse4" / "abuse" / name).write_text(text + "\n")
+    monkeypatch.setattr(abuse.control, "SYSFS_BLOCK", str(base))
+    return base
+
+
+def test_list_and_status_need_no_control_device(capsys: pytest.CaptureFixture[str], sysfs: Path) -> None:
+    # The autouse fixture made /dev/abuse missing: everything comes from sysfs.
+    assert run(capsys, "list") == (0, "/dev/abuse4\n", "")
+    code, out, err = run(capsys, "status", "--json")
+    assert (code, err) == (0, "")
+    (record,) = json.loads(out)["disks"]
+    assert record["block_size"] == 512 and record["size"] == G and record["timeout_ms"] == 2000
+    assert record["flags"] == ["flush", "discard"]
+    assert record["completed"] == 17 and record["fenced"] == 0
+    assert record["workers"] == [4242, 4243]
+    code, out, err = run(capsys, "status", "abuse4")
+    assert out.splitlines()[1].split()[-1] == "4242,4243"
+
+
+def test_status_of_an_older_module_without_sysfs_config_asks_info(
+    capsys: pytest.CaptureFixture[str], sysfs: Path, control: FakeControl
+) -> None:
+    (sysfs / "abuse4" / "abuse" / "size").unlink()
+    code, out, err = run(capsys, "status", "abuse4")
+    assert code == 1
+    assert one_line(err) == "abusectl: /dev/abuse4: no such abuse disk"  # the fake has no disk 4
+
+
+# --- serve: capabilities, process-local backends, pidfile, --run, --user ---------
+
+PROCESS_LOCAL = """
+from abuse import Backend
+
+class Local(Backend):
+    def __init__(self, size):
+        self.size = size
+        self.data = bytearray(size)
+    def read(self, offset, buf):
+        buf[:] = self.data[offset : offset + len(buf)]
+    def write(self, offset, data):
+        self.data[offset : offset + len(data)] = data
+"""
+
+
+def test_serve_refuses_workers_for_a_process_local_backend(
+    capsys: pytest.CaptureFixture[str], control: FakeControl, pool: type[FakePool], tmp_path: Path
+) -> None:
+    (tmp_path / "local.py").write_text(PROCESS_LOCAL)
+    spec = f"python:{tmp_path}/local.py:Local"
+    code, out, err = run(capsys, "serve", "3", "-b", spec, "-w", "4")
+    assert code == 1
+    assert one_line(err) == (
+        f"abusectl: backend {spec!r} keeps its data in each process (shared_state is false): "
+        "serve it with --workers 1, not 4"
+    )
+    assert pool.made == []
+    assert run(capsys, "serve", "3", "-b", spec, "-w", "1")[0] == 0
+
+
+def test_serve_create_advertises_what_the_backend_can_do(
+    capsys: pytest.CaptureFixture[str], control: FakeControl, pool: type[FakePool]
+) -> None:
+    assert run(capsys, "serve", "--create", "1G", "-b", "zero", "-w", "1")[0] == 0
+    # zero: no flush, no discard, no write zeroes; every disk is fenced
+    assert control.calls[0][1]["flags"] == uapi.ABUSE_F_FENCE
+    assert run(capsys, "serve", "--create", "1G", "-b", "memory", "-w", "1")[0] == 0
+    can_all = uapi.ABUSE_F_FLUSH | uapi.ABUSE_F_DISCARD | uapi.ABUSE_F_WRITE_ZEROES
+    assert control.calls[-2][1]["flags"] == can_all | uapi.ABUSE_F_FENCE
+
+
+def test_serve_refuses_a_disk_advertising_more_than_the_backend(
+    capsys: pytest.CaptureFixture[str], control: FakeControl, pool: type[FakePool]
+) -> None:
+    control.disks[5] = disk(5, flags=uapi.ABUSE_F_FLUSH | uapi.ABUSE_F_DISCARD)
+    code, out, err = run(capsys, "serve", "5", "-b", "zero", "-w", "1")
+    assert code == 1
+    assert one_line(err) == (
+        "abusectl: /dev/abuse5 advertises discard, which backend 'zero' cannot do: "
+        "recreate the disk without --discard"
+    )
+    assert pool.made == []
+
+
+def test_serve_pidfile(
+    capsys: pytest.CaptureFixture[str], control: FakeControl, pool: type[FakePool], tmp_path: Path
+) -> None:
+    pidfile = tmp_path / "serve.pid"
+    seen: list[str] = []
+    FakePool.run_hook = lambda: seen.append(pidfile.read_text())  # type: ignore[attr-defined]
+    try:
+        assert run(capsys, "serve", "3", "-b", "null", "-w", "1", "--pidfile", str(pidfile))[0] == 0
+    finally:
+        del FakePool.run_hook  # type: ignore[attr-defined]
+    assert seen == [f"{os.getpid()}\n"]
+    assert not pidfile.exists(), "removed when serving ends"
+
+
+def test_serve_pidfile_in_a_missing_directory(
+    capsys: pytest.CaptureFixture[str], control: FakeControl, pool: type[FakePool], tmp_path: Path
+) -> None:
+    code, out, err = run(capsys, "serve", "3", "-b", "null", "-w", "1", "-p", str(tmp_path / "no" / "x.pid"))
+    assert code == 1
+    assert "--pidfile" in one_line(err)
+
+
+def test_serve_run_passes_the_device_and_its_status(
+    capsys: pytest.CaptureFixture[str],
+    control: FakeControl,
+    pool: type[FakePool],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    out_file = tmp_path / "dev"
+    monkeypatch.setattr(FakePool, "wait_for_stop", True)
+    code, out, err = run(
+        capsys, "serve", "3", "-b", "null", "-w", "1", "--run", f'echo "$ABUSE_DEVICE" >{out_file}; exit 7'
+    )
+    assert code == 7
+    assert out_file.read_text() == "/dev/abuse3\n"
+
+
+def test_serve_run_empty_command(
+    capsys: pytest.CaptureFixture[str], control: FakeControl, pool: type[FakePool]
+) -> None:
+    code, out, err = run(capsys, "serve", "3", "-b", "null", "-w", "1", "--run", " ")
+    assert code == 1
+    assert one_line(err) == "abusectl: --run needs a command"
+
+
+def test_serve_user_and_group_become_credentials(
+    capsys: pytest.CaptureFixture[str], control: FakeControl, pool: type[FakePool]
+) -> None:
+    import pwd
+
+    nobody = pwd.getpwnam("nobody")
+    if os.geteuid() != 0:
+        code, out, err = run(capsys, "serve", "3", "-b", "null", "-w", "1", "-u", "nobody")
+        assert code == 1 and "need root" in one_line(err)
+        return
+    assert run(capsys, "serve", "3", "-b", "null", "-w", "1", "-u", "nobody", "-g", "0")[0] == 0
+    creds = pool.made[0].kwargs["credentials"]
+    assert (creds.uid, creds.gid, creds.groups) == (nobody.pw_uid, 0, (0,))
+
+
+def test_serve_notifies_systemd_when_ready(
+    capsys: pytest.CaptureFixture[str],
+    control: FakeControl,
+    pool: type[FakePool],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import socket
+
+    path = str(tmp_path / "notify")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as listener:
+        listener.bind(path)
+        monkeypatch.setenv("NOTIFY_SOCKET", path)
+        monkeypatch.setenv("WATCHDOG_USEC", "1000000")
+        monkeypatch.setenv("WATCHDOG_PID", str(os.getpid()))
+        assert run(capsys, "serve", "3", "-b", "null", "-w", "2")[0] == 0
+        listener.settimeout(0)
+        first = listener.recv(4096).decode()
+        second = listener.recv(4096).decode()
+    assert first.splitlines()[0] == "READY=1"
+    assert "STATUS=serving /dev/abuse3 with 2 workers" in first
+    assert second == "WATCHDOG=1"
+    assert pool.made[0].ran == {"tick": 0.5}
+
+
+def test_serve_run_command_is_stopped_when_serving_ends_first(
+    capsys: pytest.CaptureFixture[str], control: FakeControl, pool: type[FakePool]
+) -> None:
+    # FakePool.run returns at once, as a pool whose disk was destroyed.
+    code, out, err = run(capsys, "serve", "3", "-b", "null", "-w", "1", "--run", "exec sleep 600")
+    assert code == 128 + signal.SIGTERM

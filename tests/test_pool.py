@@ -360,3 +360,96 @@ def test_bad_arguments(kwargs: dict[str, float]) -> None:
     arguments = {"index": 0, "backend": Backend(), "workers": 1, **kwargs}
     with pytest.raises(ValueError):
         Pool(**arguments)  # type: ignore[arg-type]
+
+
+# --- readiness and liveness -----------------------------------------------------
+
+
+def heartbeat(path: Path, index: int, backend: Backend, batch: int) -> None:
+    """Attach (say ready), then stamp liveness every 20 ms as an idle worker does."""
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
+    pool_module.worker_ready()
+    _note(path)
+    while True:
+        pool_module.worker_alive()
+        time.sleep(0.02)
+
+
+def test_on_ready_once_every_worker_attached(tmp_path: Path) -> None:
+    pool, notes = make_pool(tmp_path, heartbeat, 3)
+    seen: list[list[int]] = []
+
+    def on_ready(pool: Pool) -> None:
+        seen.append(sorted(pool.pids()))
+        pool.stop()
+
+    watchdog(pool)
+    assert pool.run(on_ready=on_ready) == 0
+    assert len(seen) == 1 and len(seen[0]) == 3
+
+
+def test_not_ready_until_the_workers_say_so(tmp_path: Path) -> None:
+    pool, notes = make_pool(tmp_path, sleeper, 2)  # never calls worker_ready
+    ready: list[bool] = []
+
+    def check(pool: Pool) -> None:
+        wait_started(pool, notes, 2)
+        ready.append(pool.ready)
+
+    drive(pool, check, on_ready=lambda pool: ready.append(True))
+    assert ready == [False]
+
+
+def test_a_stopped_worker_is_killed_and_replaced(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    notes = tmp_path / "notes"
+    pool = Pool(7, Backend(), 2, target=functools.partial(heartbeat, notes), alive_timeout=2.0)
+
+    def gone(pid: int) -> bool:
+        return not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+
+    def stop_one(pool: Pool) -> None:
+        wait_started(pool, notes, 2)
+        wait_until(lambda: pool.ready)
+        victim = noted(notes)[0]
+        os.kill(victim, signal.SIGSTOP)
+        # Only the stopped one is sure to be killed; a starved healthy one
+        # on a loaded host may be too, which is what liveness is for.
+        wait_until(lambda: gone(victim) and pool.ready and victim not in pool.pids(), timeout=20)
+        stats = pool.stats()
+        assert sum(stat.hung_kills for stat in stats) == pool.hung_kills >= 1
+        assert sum(stat.restarts for stat in stats) >= 1
+
+    with caplog.at_level(logging.WARNING, logger="abuse.pool"):
+        assert drive(pool, stop_one) == 0
+    assert "stopped answering for" in caplog.text and "; killed" in caplog.text
+
+
+def test_liveness_off_leaves_a_stopped_worker(tmp_path: Path) -> None:
+    notes = tmp_path / "notes"
+    pool = Pool(7, Backend(), 1, target=functools.partial(heartbeat, notes), alive_timeout=0)
+    stamps: list[float] = []
+
+    def stop_it(pool: Pool) -> None:
+        wait_until(lambda: pool.ready)
+        (victim,) = noted(notes)
+        os.kill(victim, signal.SIGSTOP)
+        # Without liveness nothing judges it: a second stamp-free period
+        # passes (observed as the stamp not moving) and it is still there.
+        stamps.append(pool._stamps[0])
+        wait_until(lambda: time.monotonic() - stamps[0] > 0.5)
+        assert pool.hung_kills == 0 and pool.stats()[0].alive
+        os.kill(victim, signal.SIGCONT)
+
+    assert drive(pool, stop_it) == 0
+
+
+def test_idle_wait_is_an_eighth_of_the_timeout() -> None:
+    assert pool_module.idle_ms_for(0) == 200
+    assert pool_module.idle_ms_for(30_000) == 200
+    assert pool_module.idle_ms_for(800) == 100
+    assert pool_module.idle_ms_for(4) == 1
+
+
+def test_bad_alive_timeout() -> None:
+    with pytest.raises(ValueError, match="alive_timeout"):
+        Pool(0, Backend(), 1, alive_timeout=-1)

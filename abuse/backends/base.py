@@ -4,22 +4,51 @@ from __future__ import annotations
 
 from types import TracebackType
 
-__all__ = ["Backend"]
+__all__ = ["API_VERSION", "CAPABILITIES", "Backend", "capabilities"]
 
 _ZEROES = bytes(1 << 20)
+
+#: The Backend API this library speaks; a backend declaring a newer one is refused.
+API_VERSION = 1
+
+#: Capability flag -> the optional method it says is implemented.
+CAPABILITIES = {
+    "can_flush": "flush",
+    "can_discard": "discard",
+    "can_write_zeroes": "write_zeroes",
+}
 
 
 class Backend:
     """Base class of a disk's storage.
 
     Subclasses set ``size`` (bytes) and override :meth:`read` and
-    :meth:`write`; the rest have working defaults.  The capability flags
-    say what the disk should advertise at CREATE.
+    :meth:`write`; the rest have working defaults.
+
+    Capabilities, as nbdkit's plugins have them: ``can_flush``,
+    ``can_discard`` and ``can_write_zeroes`` say what the disk advertises
+    (``abusectl serve --create`` sets its flags from them, ``serve DEV``
+    refuses a disk that advertises more).  Each defaults to whether the
+    subclass overrides :meth:`flush`, :meth:`discard` or
+    :meth:`write_zeroes`; a value set in a class body (of the subclass or
+    any ancestor below Backend) wins.
+
+    ``shared_state``: whether every process sees the same data, so that
+    the disk may be served by several worker processes (each one forks
+    from the supervisor with its own copy of the Python objects).  False
+    for a backend that keeps its data in Python objects; true for one
+    whose data lives in a file, a memfd or elsewhere outside the process.
+    A process-local backend is refused for more than one worker.
+
+    ``api_version``: the Backend API the class was written for
+    (:data:`API_VERSION` today); a newer one is refused at serve.
     """
 
     can_flush = False
     can_discard = False
     can_write_zeroes = False
+    shared_state = False
+    api_version = API_VERSION
 
     # Fencing tokens: when true, ``write``, ``discard`` and ``write_zeroes``
     # are called with a third argument, ``token``: a number that grows with
@@ -31,6 +60,16 @@ class Backend:
     wants_tokens = False
 
     size: int = 0
+
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        derived = set()
+        for flag, method in CAPABILITIES.items():
+            if _explicit(cls, flag):
+                continue
+            setattr(cls, flag, getattr(cls, method) is not getattr(Backend, method))
+            derived.add(flag)
+        cls._derived_capabilities = frozenset(derived)
 
     def read(self, offset: int, buf: memoryview) -> None:
         """Fill ``buf`` with the bytes at ``offset``."""
@@ -79,6 +118,8 @@ class Backend:
     def close(self) -> None:
         """Release what the backend holds."""
 
+    _derived_capabilities: frozenset[str] = frozenset()
+
     def __enter__(self) -> Backend:
         return self
 
@@ -89,3 +130,18 @@ class Backend:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+def _explicit(cls: type, flag: str) -> bool:
+    """Whether ``flag`` is set in the body of ``cls`` or an ancestor below Backend."""
+    for klass in cls.__mro__:
+        if klass is Backend:
+            return False
+        if flag in vars(klass) and flag not in vars(klass).get("_derived_capabilities", ()):
+            return True
+    return False
+
+
+def capabilities(backend: Backend) -> dict[str, bool]:
+    """The capability flags of ``backend``, by name (``can_flush``, ...)."""
+    return {flag: bool(getattr(backend, flag)) for flag in CAPABILITIES}

@@ -27,6 +27,7 @@ class FdBackend(Backend):
     can_flush = True
     can_discard = True
     can_write_zeroes = True
+    shared_state = True  # the file is the state; every worker opens the same one
 
     def __init__(self, fd: int, size: int) -> None:
         self.fd = fd

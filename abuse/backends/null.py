@@ -28,6 +28,8 @@ def _fill_zeroes(buf: memoryview) -> None:
 class _ZeroReads(Backend):
     """Reads return zeroes; ``size`` is only recorded."""
 
+    shared_state = True  # there is no state
+
     def __init__(self, size: int) -> None:
         self.size = size
 
@@ -51,6 +53,9 @@ class NullBackend(_ZeroReads):
 
 class ZeroBackend(_ZeroReads):
     """Reads zeroes; every write, discard or write-zeroes fails with EROFS."""
+
+    can_discard = False  # the methods below only refuse
+    can_write_zeroes = False
 
     def write(self, offset: int, data: memoryview) -> None:
         raise OSError(errno.EROFS, "zero backend is read-only")

@@ -5,9 +5,10 @@ from __future__ import annotations
 import argparse
 
 from abuse import uapi
+from abuse._exceptions import AbuseError
 from abuse.sizes import format_size
 from abusectl import args as types
-from abusectl.devices import open_control
+from abusectl.devices import disk_indexes, open_control
 from abusectl.service import CREATE_RETRIES, CREATE_TIMEOUT_MS
 
 _BLOCK_SIZES = (512, 1024, 2048, 4096)
@@ -15,7 +16,14 @@ _BLOCK_SIZES = (512, 1024, 2048, 4096)
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``abusectl create``."""
-    parser.add_argument("--size", type=types.size, required=True, help="capacity: 4096, 512M, 10G, ...")
+    parser.add_argument("-s", "--size", type=types.size, required=True, help="capacity: 4096, 512M, 10G, ...")
+    parser.add_argument(
+        "-i",
+        "--index",
+        type=types.index,
+        metavar="N",
+        help="make /dev/abuseN; fails unless N is the lowest free index (the module picks that one)",
+    )
     parser.add_argument(
         "--block-size",
         type=types.size,
@@ -25,6 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--read-only", action="store_true", help="the disk rejects writes")
     parser.add_argument(
+        "-t",
         "--timeout",
         type=types.seconds,
         default=CREATE_TIMEOUT_MS / 1000,
@@ -32,6 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="seconds before an unanswered request is retried; 0 = wait forever (default 30)",
     )
     parser.add_argument(
+        "-r",
         "--retries",
         type=types.non_negative,
         default=CREATE_RETRIES,
@@ -99,6 +109,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(
             f"size {format_size(args.size)} is not a multiple of the block size {args.block_size}"
         )
+    if args.index is not None:
+        _check_index(args.index)
     with open_control() as control:
         config = control.create(
             args.size,
@@ -109,5 +121,25 @@ def run(args: argparse.Namespace) -> int:
             timeout_ms=round(args.timeout * 1000),
             retries=args.retries,
         )
+        if args.index is not None and config.index != args.index:
+            # Another create took the index between the check and ours.
+            control.destroy(config.index, force=True)
+            raise AbuseError(f"/dev/abuse{args.index} was taken meanwhile; nothing created")
     print(config.path)
     return 0
+
+
+def _check_index(index: int) -> None:
+    """Refuse ``--index N`` unless N is the index CREATE will pick (the lowest free one).
+
+    CREATE has no index-in field: the module always takes the lowest free
+    index, and making disks until it matches would be worse than failing.
+    """
+    taken = set(disk_indexes())
+    if index in taken:
+        raise AbuseError(f"/dev/abuse{index} exists")
+    lowest = next(n for n in range(len(taken) + 1) if n not in taken)
+    if lowest != index:
+        raise AbuseError(
+            f"cannot create /dev/abuse{index}: the module gives the lowest free index, /dev/abuse{lowest}"
+        )

@@ -5,21 +5,20 @@ from __future__ import annotations
 import argparse
 import json
 
-from abusectl.devices import open_control
+from abusectl.devices import disk_indexes
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``abusectl list``."""
-    parser.add_argument("--json", action="store_true", help="a JSON list of paths")
+    parser.add_argument("--json", action="store_true", help='one JSON object: {"disks": [{"index", "path"}]}')
 
 
 def run(args: argparse.Namespace) -> int:
-    """List the disks."""
-    with open_control() as control:
-        paths = [f"/dev/abuse{index}" for index in control.list()]
+    """List the disks, from sysfs: needs no privileges."""
+    indexes = disk_indexes()
     if args.json:
-        print(json.dumps(paths))
+        print(json.dumps({"disks": [{"index": index, "path": f"/dev/abuse{index}"} for index in indexes]}))
     else:
-        for path in paths:
-            print(path)
+        for index in indexes:
+            print(f"/dev/abuse{index}")
     return 0

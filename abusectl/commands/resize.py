@@ -12,7 +12,7 @@ from abusectl.devices import disk_info, open_control
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``abusectl resize``."""
     parser.add_argument("dev", type=types.dev, metavar="DEV", help="/dev/abuseN, abuseN or N")
-    parser.add_argument("--size", type=types.size, required=True, help="new capacity: 512M, 20G, ...")
+    parser.add_argument("-s", "--size", type=types.size, required=True, help="new capacity: 512M, 20G, ...")
 
 
 def run(args: argparse.Namespace) -> int:

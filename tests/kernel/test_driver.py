@@ -7,6 +7,7 @@ import os
 import select
 import subprocess
 import time
+from typing import Any, Callable
 
 import pytest
 
@@ -207,83 +208,146 @@ def test_put_entries_fail_on_their_own(disks: Disks) -> None:
     assert direct_read(config.path, 1 * MiB, 4096) == pattern(4, 4096)
 
 
-def test_bad_ioctls_get_clean_errors(disks: Disks) -> None:
+def _config(**fields: int) -> Any:
+    """A valid CREATE argument with ``fields`` changed."""
+    cfg = ffi.new("struct abuse_config *", {"size": MiB, "block_size": 4096})
+    for name, value in fields.items():
+        setattr(cfg, name, value)
+    return cfg
+
+
+def _with_reserved(struct: str, slot: int, value: int, **fields: int) -> Any:
+    arg = ffi.new(f"struct {struct} *", fields)
+    arg.__reserved[slot] = value
+    return arg
+
+
+def _xfer(**fields: int) -> Any:
+    return ffi.new("struct abuse_xfer *", {"flags": uapi.ABUSE_XFER_NOWAIT, **fields})
+
+
+_TOP = {"buffer": 2**64 - 4096, "buffer_size": 2**64 - 1, "max_requests": 1}
+# One error path per case: (attached first?, command, argument from the disk's index, errno).
+BAD_CALLS: dict[str, tuple[bool, str, Callable[[int], Any], int]] = {
+    "get-before-attach": (False, "GET", lambda i: ffi.new("struct abuse_xfer *"), errno.EBADFD),
+    "unknown-command": (False, "", lambda i: ffi.NULL, errno.ENOTTY),
+    "wrong-size": (False, "GET+size", lambda i: ffi.new("struct abuse_xfer *"), errno.ENOTTY),
+    "info-null": (False, "INFO", lambda i: ffi.NULL, errno.EFAULT),
+    "create-unmapped": (False, "CREATE", lambda i: ffi.cast("void *", unmapped_address()), errno.EFAULT),
+    "create-block-size-1000": (False, "CREATE", lambda i: _config(block_size=1000), errno.EINVAL),
+    "create-block-size-8192": (False, "CREATE", lambda i: _config(block_size=8192), errno.EINVAL),
+    "create-size-0": (False, "CREATE", lambda i: _config(size=0), errno.EINVAL),
+    "create-size-partial-block": (False, "CREATE", lambda i: _config(size=4097), errno.EINVAL),
+    "create-unknown-flag": (False, "CREATE", lambda i: _config(flags=1 << 40), errno.EINVAL),
+    "create-queue-depth": (False, "CREATE", lambda i: _config(queue_depth=5000), errno.EINVAL),
+    "create-max-request": (False, "CREATE", lambda i: _config(max_request_bytes=100), errno.EINVAL),
+    "create-timeout": (False, "CREATE", lambda i: _config(timeout_ms=1 << 31), errno.EINVAL),
+    "create-retries": (False, "CREATE", lambda i: _config(retries=1 << 20), errno.EINVAL),
+    "create-reserved": (
+        False,
+        "CREATE",
+        lambda i: _with_reserved("abuse_config", 3, 1, size=MiB, block_size=4096),
+        errno.EINVAL,
+    ),
+    "attach-missing-disk": (
+        False,
+        "ATTACH",
+        lambda i: ffi.new("struct abuse_target *", {"index": 4242}),
+        errno.ENODEV,
+    ),
+    "destroy-missing-disk": (
+        False,
+        "DESTROY",
+        lambda i: ffi.new("struct abuse_target *", {"index": 4242}),
+        errno.ENODEV,
+    ),
+    "reset-unknown-flag": (
+        False,
+        "RESET",
+        lambda i: ffi.new("struct abuse_target *", {"index": i, "flags": 2}),
+        errno.EINVAL,
+    ),
+    "attach-reserved": (
+        False,
+        "ATTACH",
+        lambda i: _with_reserved("abuse_target", 1, 7, index=i),
+        errno.EINVAL,
+    ),
+    "get-unknown-flag": (True, "GET", lambda i: _xfer(flags=uapi.ABUSE_XFER_ALL + 1), errno.EINVAL),
+    "get-timeout-without-flag": (True, "GET", lambda i: _xfer(timeout_ms=1), errno.EINVAL),
+    "get-nowait-and-timeout": (
+        True,
+        "GET",
+        lambda i: _xfer(flags=uapi.ABUSE_XFER_NOWAIT | uapi.ABUSE_XFER_TIMEOUT),
+        errno.EINVAL,
+    ),
+    "get-with-replies": (True, "GET", lambda i: _xfer(nr_replies=1), errno.EINVAL),
+    "get-batch-too-big": (True, "GET", lambda i: _xfer(max_requests=uapi.ABUSE_MAX_BATCH + 1), errno.E2BIG),
+    # A buffer that wraps past 2^64 would place payloads at low addresses
+    # the caller never named (the fuzzer found this).
+    "get-buffer-wraps": (True, "GET", lambda i: _xfer(**_TOP), errno.EINVAL),
+    "get-buffer-ends-at-2^64": (True, "GET", lambda i: _xfer(**{**_TOP, "buffer_size": 4096}), errno.EINVAL),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_CALLS))
+def test_bad_ioctl(disks: Disks, case: str) -> None:
+    attached, command, make, want = BAD_CALLS[case]
     config = disks.create(16 * MiB)
     with Control() as ctl:
-        fd = ctl.fileno()
-        xfer = ffi.new("struct abuse_xfer *")
-        # Not attached yet.
-        expect_errno(raw_errno(fd, uapi.ABUSE_IOC_GET, xfer), errno.EBADFD)
-        # Unknown command and wrong size.
-        expect_errno(raw_errno(fd, 0xE4FF, ffi.NULL), errno.ENOTTY)
-        expect_errno(raw_errno(fd, uapi.ABUSE_IOC_GET + (1 << 16), xfer), errno.ENOTTY)
-        # Bad argument pointers.
-        expect_errno(raw_errno(fd, uapi.ABUSE_IOC_INFO, ffi.NULL), errno.EFAULT)
-        expect_errno(
-            raw_errno(fd, uapi.ABUSE_IOC_CREATE, ffi.cast("void *", unmapped_address())), errno.EFAULT
-        )
-        # CREATE argument checks.
-        for field, value in [
-            ("block_size", 1000),
-            ("block_size", 8192),
-            ("size", 0),
-            ("size", 4097),
-            ("flags", 1 << 40),
-            ("queue_depth", 5000),
-            ("max_request_bytes", 100),
-            ("timeout_ms", 1 << 31),
-            ("retries", 1 << 20),
-        ]:
-            cfg = ffi.new("struct abuse_config *", {"size": MiB, "block_size": 4096})
-            setattr(cfg, field, value)
-            expect_errno(raw_errno(fd, uapi.ABUSE_IOC_CREATE, cfg), errno.EINVAL)
-        cfg = ffi.new("struct abuse_config *", {"size": MiB, "block_size": 4096})
-        cfg.__reserved[3] = 1
-        expect_errno(raw_errno(fd, uapi.ABUSE_IOC_CREATE, cfg), errno.EINVAL)
-        # Targets.
-        target = ffi.new("struct abuse_target *", {"index": 4242})
-        expect_errno(raw_errno(fd, uapi.ABUSE_IOC_ATTACH, target), errno.ENODEV)
-        expect_errno(raw_errno(fd, uapi.ABUSE_IOC_DESTROY, target), errno.ENODEV)
-        target = ffi.new("struct abuse_target *", {"index": config.index, "flags": 2})
-        expect_errno(raw_errno(fd, uapi.ABUSE_IOC_RESET, target), errno.EINVAL)
-        target = ffi.new("struct abuse_target *", {"index": config.index})
-        target.__reserved[1] = 7
-        expect_errno(raw_errno(fd, uapi.ABUSE_IOC_ATTACH, target), errno.EINVAL)
-        # Attach once; a second attach of the same file is refused.
+        if attached:
+            ctl.attach(config.index)
+        if command == "":
+            number = 0xE4FF
+        elif command == "GET+size":
+            number = uapi.ABUSE_IOC_GET + (1 << 16)
+        else:
+            number = uapi.ioctls[f"ABUSE_IOC_{command}"]
+        expect_errno(raw_errno(ctl.fileno(), number, make(config.index)), want)
+    assert disks.control.info(config.index).config.size == 16 * MiB, "the disk is untouched"
+
+
+def test_get_buffer_ending_below_2_64_is_accepted(disks: Disks) -> None:
+    config = disks.create(16 * MiB)
+    with Control() as ctl:
+        ctl.attach(config.index)
+        expect_errno(raw_errno(ctl.fileno(), uapi.ABUSE_IOC_GET, _xfer(**{**_TOP, "buffer_size": 4095})), 0)
+
+
+def test_second_attach_of_a_file_is_refused(disks: Disks) -> None:
+    config = disks.create(16 * MiB)
+    with Control() as ctl:
         ctl.attach(config.index)
         with pytest.raises(DiskBusy):
             ctl.attach(config.index)
-        # GET argument checks.
-        for field, value, want in [
-            ("flags", uapi.ABUSE_XFER_ALL + 1, errno.EINVAL),
-            ("timeout_ms", 1, errno.EINVAL),  # without ABUSE_XFER_TIMEOUT
-            ("flags", uapi.ABUSE_XFER_NOWAIT | uapi.ABUSE_XFER_TIMEOUT, errno.EINVAL),
-            ("nr_replies", 1, errno.EINVAL),
-            ("max_requests", uapi.ABUSE_MAX_BATCH + 1, errno.E2BIG),
-        ]:
-            xfer = ffi.new("struct abuse_xfer *", {"flags": uapi.ABUSE_XFER_NOWAIT})
-            setattr(xfer, field, value)
-            expect_errno(raw_errno(fd, uapi.ABUSE_IOC_GET, xfer), want)
-        # A buffer that wraps past 2^64 would place payloads at low
-        # addresses the caller never named (the fuzzer found this).
-        top = {"buffer": 2**64 - 4096, "buffer_size": 2**64 - 1, "max_requests": 1}
-        xfer = ffi.new("struct abuse_xfer *", {"flags": uapi.ABUSE_XFER_NOWAIT, **top})
-        expect_errno(raw_errno(fd, uapi.ABUSE_IOC_GET, xfer), errno.EINVAL)
-        xfer.buffer_size = 4096  # its end, 2^64, does not fit in 64 bits either
-        expect_errno(raw_errno(fd, uapi.ABUSE_IOC_GET, xfer), errno.EINVAL)
-        xfer.buffer_size = 4095
-        expect_errno(raw_errno(fd, uapi.ABUSE_IOC_GET, xfer), 0)
-        with pytest.raises(InvalidRequest):
-            ctl.resize(config.index, 12345)
-        # SET_INFO may change only size and read-only.
-        current = disks.control.info(config.index).config
-        for field, value in [("block_size", 512), ("queue_depth", 7), ("timeout_ms", 1), ("size", 0)]:
-            cfg = ffi.new("struct abuse_config *", {**current.__dict__, field: value})
-            expect_errno(raw_errno(fd, uapi.ABUSE_IOC_SET_INFO, cfg), errno.EINVAL)
-        cfg = ffi.new("struct abuse_config *", current.__dict__)
-        cfg.__reserved[0] = 1
-        expect_errno(raw_errno(fd, uapi.ABUSE_IOC_SET_INFO, cfg), errno.EINVAL)
-        assert disks.control.info(config.index).config == current
+
+
+def test_resize_to_a_partial_block_is_refused(disks: Disks) -> None:
+    config = disks.create(16 * MiB)
+    with pytest.raises(InvalidRequest):
+        disks.control.resize(config.index, 12345)
+
+
+SET_INFO_CHANGES = [
+    ("block_size", 512),
+    ("queue_depth", 7),
+    ("timeout_ms", 1),
+    ("size", 0),
+    ("__reserved", 1),
+]
+
+
+@pytest.mark.parametrize(("field", "value"), SET_INFO_CHANGES, ids=[f for f, _ in SET_INFO_CHANGES])
+def test_set_info_changes_only_size_and_read_only(disks: Disks, field: str, value: int) -> None:
+    config = disks.create(16 * MiB)
+    current = disks.control.info(config.index).config
+    cfg = ffi.new("struct abuse_config *", current.__dict__)
+    if field == "__reserved":
+        cfg.__reserved[0] = value
+    else:
+        setattr(cfg, field, value)
+    expect_errno(raw_errno(disks.control.fileno(), uapi.ABUSE_IOC_SET_INFO, cfg), errno.EINVAL)
+    assert disks.control.info(config.index).config == current
 
 
 def test_get_faults_and_small_buffers_lose_nothing(disks: Disks) -> None:

@@ -73,6 +73,7 @@ def _unit_command(record: Path, conf: dict[str, str]) -> list[str]:
     args = []
     for word in words[1:]:
         word = word.replace("/run/abuse/%i.dev", str(record))
+        word = word.replace("/run/abuse/%i.pid", str(record.with_suffix(".pid")))
         args.append(re.sub(r"\$\{(\w+)\}", lambda m: conf[m.group(1)], word))
     return [*ABUSECTL, *args]
 

@@ -104,7 +104,7 @@ def test_kill_9_workers_during_fio_verify() -> None:
         assert kills >= 20
         wait_for(lambda: len(worker_pids(serve)) == 4)
         status = json.loads(abusectl("status", dev, "--json"))
-        assert status[0]["errors"] == 0
+        assert status["disks"][0]["errors"] == 0
         summary = stop_pool(serve)
         assert f"restarts: {kills}" in summary, summary
 

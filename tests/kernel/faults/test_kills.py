@@ -63,7 +63,7 @@ def test_kill_storm_under_fio_verify(rng: random.Random) -> None:
                 f"{failed}\nafter {len(killed)} kills; disk: {status}\npool: {stop_pool(serve)}"
             ) from None
         wait_for(lambda: len(worker_pids(serve)) == workers)
-        status = json.loads(abusectl("status", dev, "--json"))[0]
+        status = json.loads(abusectl("status", dev, "--json"))["disks"][0]
         assert status["errors"] == 0, status
         counters = assert_settled(dev)
         summary = stop_pool(serve)

@@ -1,0 +1,253 @@
+"""The worker's batch loop against a fake transfer: no kernel, no ioctl.
+
+Requests are written into the Worker's own descriptor array, as GET
+would leave them, ``_run_batch`` runs them against a recording backend,
+and the replies are read back from the reply array PUT would send.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import logging
+import mmap
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from abuse import DiskConfig, DiskInfo, ModuleFeatures, Worker, uapi
+from abuse.backends.base import Backend
+from abuse.control import COUNTER_FIELDS
+
+SIZE = 1 << 20
+READ, WRITE, FLUSH = uapi.ABUSE_OP_READ, uapi.ABUSE_OP_WRITE, uapi.ABUSE_OP_FLUSH
+DISCARD, WRITE_ZEROES, FUA = uapi.ABUSE_OP_DISCARD, uapi.ABUSE_OP_WRITE_ZEROES, uapi.ABUSE_REQ_FUA
+
+
+class FakeControl:
+    """Just what Worker() asks of a Control before any GET."""
+
+    def __init__(self, xfer_features: int = uapi.ABUSE_XFER_ALL) -> None:
+        self._r, self._w = os.pipe()
+        self.attached: list[int] = []
+        self.module = ModuleFeatures(uapi.ABUSE_VERSION, 1024, uapi.ABUSE_F_ALL, xfer_features)
+
+    def info(self, index: int) -> DiskInfo:
+        config = DiskConfig(index, 4096, SIZE, uapi.ABUSE_F_FLUSH, 128, 1 << 20, 30000, 3)
+        return DiskInfo(config, dict.fromkeys(COUNTER_FIELDS, 0))
+
+    def attach(self, index: int) -> None:
+        self.attached.append(index)
+
+    def fileno(self) -> int:
+        return self._r
+
+    def features(self) -> ModuleFeatures:
+        return self.module
+
+    def close(self) -> None:
+        os.close(self._r)
+        os.close(self._w)
+
+
+class Recorder(Backend):
+    """Stores in a bytearray and records every call; ``fail`` maps a method to what it raises."""
+
+    def __init__(self) -> None:
+        self.size = SIZE
+        self.data = bytearray(SIZE)
+        self.calls: list[tuple[Any, ...]] = []
+        self.fail: dict[str, BaseException] = {}
+
+    def _call(self, *call: Any) -> None:
+        self.calls.append(call)
+        if call[0] in self.fail:
+            # A fresh exception each time: a reused one would keep its
+            # last traceback, and with it the buffer views of that frame.
+            model = self.fail[call[0]]
+            raise type(model)(*model.args)
+
+    def read(self, offset: int, buf: memoryview) -> None:
+        self._call("read", offset, len(buf))
+        buf[:] = self.data[offset : offset + len(buf)]
+
+    def write(self, offset: int, data: memoryview) -> None:
+        self._call("write", offset, bytes(data))
+        self.data[offset : offset + len(data)] = data
+
+    def flush(self) -> None:
+        self._call("flush")
+
+    def discard(self, offset: int, length: int) -> None:
+        self._call("discard", offset, length)
+
+    def write_zeroes(self, offset: int, length: int) -> None:
+        self._call("write_zeroes", offset, length)
+
+
+class Mapped(Recorder):
+    """A whole-disk mapping, as ``memory`` has: served in place."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.map = mmap.mmap(-1, SIZE)
+        self.address = ctypes.addressof(ctypes.c_char.from_buffer(self.map))
+
+    def mapping(self) -> tuple[int, int] | None:
+        return self.address, SIZE
+
+
+@pytest.fixture(autouse=True)
+def no_log_records() -> Iterator[None]:
+    """pytest keeps log records, whose exc_info holds the frames' buffer views."""
+    logging.disable(logging.CRITICAL)
+    yield
+    logging.disable(logging.NOTSET)
+
+
+@pytest.fixture
+def control() -> Iterator[FakeControl]:
+    ctl = FakeControl()
+    yield ctl
+    ctl.close()
+
+
+def make(control: FakeControl, backend: Backend) -> Worker:
+    return Worker(control, 3, backend, batch=8)  # type: ignore[arg-type]
+
+
+def batch(worker: Worker, *requests: tuple[int, int, int, int]) -> list[tuple[int, int, int, int]]:
+    """Run (op, flags, offset, length) requests; their (handle, data, length, result) replies.
+
+    Each request's data sits at a 4 KiB slot of the worker's buffer, as
+    GET places it; request i has handle 100 + i.
+    """
+    xfer = worker._xfer
+    base = worker._base
+    for i, (op, flags, offset, length) in enumerate(requests):
+        req = xfer.requests[i]
+        req.handle, req.op, req.flags, req.offset, req.length = 100 + i, op, flags, offset, length
+        req.data = base + i * 4096 if op in (READ, WRITE) else 0
+    assert worker._run_batch(len(requests)) == len(requests)
+    return [
+        (int(r.handle), int(r.data), int(r.length), int(r.result))
+        for r in list(xfer.replies)[: len(requests)]
+    ]
+
+
+def put_payload(worker: Worker, slot: int, payload: bytes) -> None:
+    worker._view[slot * 4096 : slot * 4096 + len(payload)] = payload
+
+
+def test_read_and_write_by_copy(control: FakeControl) -> None:
+    backend = Recorder()
+    backend.data[8192:12288] = b"r" * 4096
+    worker = make(control, backend)
+    try:
+        assert control.attached == [3] and not worker.in_place
+        put_payload(worker, 1, b"w" * 4096)
+        replies = batch(worker, (READ, 0, 8192, 4096), (WRITE, 0, 0, 4096))
+        assert replies == [(100, worker._base, 4096, 0), (101, worker._base + 4096, 4096, 0)]
+        assert bytes(worker._view[:4096]) == b"r" * 4096
+        assert backend.calls == [("read", 8192, 4096), ("write", 0, b"w" * 4096)]
+    finally:
+        worker.close()
+
+
+def test_fua_write_is_a_write_then_a_flush(control: FakeControl) -> None:
+    backend = Recorder()
+    worker = make(control, backend)
+    try:
+        put_payload(worker, 0, b"x" * 4096)
+        assert batch(worker, (WRITE, FUA, 4096, 4096))[0][3] == 0
+        assert backend.calls == [("write", 4096, b"x" * 4096), ("flush",)]
+        backend.calls.clear()
+        backend.fail["flush"] = OSError(errno.ENOSPC, "full")
+        assert batch(worker, (WRITE, FUA, 4096, 4096))[0][3] == -errno.ENOSPC
+        backend.calls.clear()
+        backend.fail = {"write": OSError(errno.EIO, "bad")}
+        assert batch(worker, (WRITE, FUA, 4096, 4096))[0][3] == -errno.EIO
+        assert backend.calls == [("write", 4096, b"x" * 4096)], "no flush after a failed write"
+    finally:
+        worker.close()
+
+
+def test_flush_discard_write_zeroes_dispatch(control: FakeControl) -> None:
+    backend = Recorder()
+    worker = make(control, backend)
+    try:
+        replies = batch(worker, (FLUSH, 0, 0, 0), (DISCARD, 0, 4096, 8192), (WRITE_ZEROES, 0, 0, 4096))
+        assert [reply[3] for reply in replies] == [0, 0, 0]
+        assert backend.calls == [("flush",), ("discard", 4096, 8192), ("write_zeroes", 0, 4096)]
+        assert batch(worker, (99, 0, 0, 4096))[0][3] == -errno.EOPNOTSUPP
+    finally:
+        worker.close()
+
+
+@pytest.mark.parametrize(
+    ("raised", "result"),
+    [
+        (OSError(errno.EROFS, "read-only"), -errno.EROFS),
+        (OSError("no errno"), -errno.EIO),
+        (RuntimeError("a bug"), -errno.EIO),
+        (ValueError("bad"), -errno.EIO),
+    ],
+)
+@pytest.mark.parametrize("method", ["read", "write", "flush", "discard", "write_zeroes"])
+def test_failures_become_negative_errnos(
+    control: FakeControl, raised: BaseException, result: int, method: str
+) -> None:
+    backend = Recorder()
+    backend.fail[method] = raised
+    worker = make(control, backend)
+    op = {"read": READ, "write": WRITE, "flush": FLUSH, "discard": DISCARD, "write_zeroes": WRITE_ZEROES}[
+        method
+    ]
+    try:
+        assert batch(worker, (op, 0, 0, 4096), (READ, 0, 0, 4096))[0][3] == result
+        if method != "read":
+            assert batch(worker, (READ, 0, 0, 4096))[0][3] == 0, "one failure does not spill to the next"
+    finally:
+        worker.close()
+
+
+def test_in_place_answers_without_reading_or_writing(control: FakeControl) -> None:
+    backend = Mapped()
+    worker = make(control, backend)
+    try:
+        assert worker.in_place
+        at = backend.address + 8192
+        xfer = worker._xfer
+        for i, (op, flags) in enumerate([(READ, 0), (WRITE, FUA), (WRITE, 0)]):
+            req = xfer.requests[i]
+            req.handle, req.op, req.flags, req.offset, req.length, req.data = (
+                100 + i,
+                op,
+                flags,
+                8192,
+                4096,
+                at,
+            )
+        worker._run_batch(3)
+        assert [(int(r.data), int(r.result)) for r in list(xfer.replies)[:3]] == [(at, 0)] * 3
+        assert backend.calls == [("flush",)], "in place: only the FUA write's flush calls the backend"
+    finally:
+        worker.close()
+        backend.map.close()
+
+
+def test_without_mapped_in_the_module_a_mapped_backend_is_served_by_copy() -> None:
+    control = FakeControl(xfer_features=uapi.V1_XFER_FEATURES)
+    backend = Mapped()
+    worker = make(control, backend)
+    try:
+        assert not worker.in_place
+        put_payload(worker, 0, b"c" * 4096)
+        batch(worker, (WRITE, 0, 0, 4096))
+        assert backend.calls == [("write", 0, b"c" * 4096)]
+    finally:
+        worker.close()
+        backend.map.close()
+        control.close()
