@@ -24,6 +24,7 @@ from abuse import uapi
 from abuse.control import Control
 from tests.kernel.blockio import Background, direct_read, direct_write, pattern
 from tests.kernel.conftest import Disks, asleep_in_driver, wait_for
+from tests.kernel.kmsg import KernelLog
 from tests.kernel.raw import RawWorker, Request, expect_errno, raw_errno
 
 ffi = uapi.ffi
@@ -378,3 +379,79 @@ def test_put_the_request_held_by_another(disks: Disks) -> None:
     finally:
         a.close()
         b.close()
+
+
+# --- poll and the kernel log ------------------------------------------------
+
+
+def test_an_external_poller_never_misses_a_queued_request(disks: Disks) -> None:
+    """poll() races with queue_rq: each of many requests must wake the poller.
+
+    The poller waits with no timeout, so a missed wake-up (poll_wait and
+    the queued count not paired by a barrier) leaves the writer's request
+    unanswered and the join fails.
+    """
+    config = disks.create(16 * PAGE)
+    dev = f"/dev/abuse{config.index}"
+    worker = RawWorker(config.index)
+    rounds = 400
+    stop = threading.Event()
+
+    def serve() -> None:
+        poller = select.poll()
+        poller.register(worker.control.fileno(), select.POLLIN)
+        answered = 0
+        while answered < rounds and not stop.is_set():
+            poller.poll()
+            for request in worker.get(wait=False):
+                assert worker.put([worker.answer(request)]) == [0]
+                answered += 1
+
+    server = Background(serve)
+    try:
+        writer = Background(
+            lambda: [direct_write(dev, (i % 16) * PAGE, pattern(i, PAGE)) for i in range(rounds)]
+        )
+        writer.join(timeout=600)
+        assert writer.error is None
+        server.join(timeout=60)
+        assert server.error is None
+    finally:
+        stop.set()
+        worker.close()
+
+
+def test_the_kernel_log_says_why_requests_failed(disks: Disks) -> None:
+    """Ratelimited device messages: a request failed after its retries, a
+    forced destroy with requests pending, and a fenced worker."""
+    log = KernelLog()
+    try:
+        config = disks.create(16 * PAGE, timeout_ms=500, retries=0)
+        failed = Background(lambda: direct_write(f"/dev/abuse{config.index}", 0, pattern(10, PAGE))).join(60)
+        assert isinstance(failed.error, OSError) and failed.error.errno == errno.EIO
+
+        doomed = disks.create(16 * PAGE)
+        pending = Background(lambda: direct_read(f"/dev/abuse{doomed.index}", 0, PAGE))
+        wait_for(lambda: disks.control.info(doomed.index).counters["queued"] == 1)
+        disks.control.destroy(doomed.index, force=True)
+        pending.join()
+
+        fenced = disks.create(16 * PAGE, flags=uapi.ABUSE_F_FENCE, timeout_ms=LONG_TIMEOUT_MS)
+        read_fd, write_fd = os.pipe()
+        child = _holder_child(fenced.index, write_fd)
+        io = Background(lambda: direct_write(f"/dev/abuse{fenced.index}", 0, pattern(11, PAGE)))
+        try:
+            assert _read_byte(read_fd) == 1
+            disks.control.reset(fenced.index)
+            os.waitpid(child, 0)
+            disks.control.destroy(fenced.index, force=True)
+            io.join()
+        finally:
+            os.close(read_fd)
+            os.close(write_fd)
+        text = "\n".join(log.read())
+    finally:
+        log.close()
+    assert f"abuse{config.index}: WRITE of 4096 bytes at 0 failed after 1 timeouts" in text, text
+    assert f"abuse{doomed.index}: destroyed with 1 requests pending" in text, text
+    assert f"abuse{fenced.index}: fencing worker pid {child}" in text, text
