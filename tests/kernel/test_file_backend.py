@@ -105,6 +105,7 @@ def dd_random(dev: str, offset: int, length: int, oflag: str = "direct", *more: 
     data = os.urandom(length)
     chunk = 64 * KiB
     argv = ["dd", f"of={dev}", f"bs={chunk}", f"seek={offset // chunk}", f"count={length // chunk}"]
+    argv += ["iflag=fullblock"]  # stdin is a pipe: a read may return less than bs
     argv += [f"oflag={oflag}"] if oflag else []
     proc = subprocess.run([*argv, *more, "status=none"], input=data, capture_output=True)
     assert proc.returncode == 0, proc.stderr
@@ -120,7 +121,8 @@ def test_ext4_in_place_on_an_image_larger_than_ram(tmp_path: Path) -> None:
         spec = f"file:{image}"
         with served_disk("16G", spec, 2) as (dev, serve):
             assert image.stat().st_size == 16 * GiB
-            run("mkfs.ext4", "-q", "-F", "-E", "lazy_itable_init=1,lazy_journal_init=1", dev)
+            # The last GiB stays outside the file system: the far-end check's.
+            run("mkfs.ext4", "-q", "-F", "-E", "lazy_itable_init=1,lazy_journal_init=1", dev, "15G")
             with mounted(dev, tmp_path / "mnt") as mnt:
                 sums = write_files(mnt, 16, 4 * MiB)
             end = dd_random(dev, 16 * GiB - 1 * MiB, 1 * MiB)  # the mapping's far end
@@ -244,3 +246,19 @@ def test_mapped_0_serves_the_file_by_copy(tmp_path: Path) -> None:
             assert sha256_at(str(image), 1 * MiB, 2 * MiB) == written
             status = abusectl("status", dev)
             assert dev.removeprefix("/dev/") in status
+
+
+def test_grown_disk_is_served_by_copy_past_the_mapping(tmp_path: Path) -> None:
+    """Grown online past the mapping, the workers fall back to copies
+    (pwritev extends the image) and still see what was stored in place."""
+    with tmpfs(tmp_path / "tmpfs", "256M") as fs:
+        image = fs / "disk.img"
+        with served_disk("32M", f"file:{image}", 2) as (dev, serve):
+            before = dd_random(dev, 0, 1 * MiB)
+            assert_served_in_place(serve, str(image))
+            abusectl("resize", dev, "--size", "64M")
+            after = dd_random(dev, 48 * MiB, 1 * MiB)
+            assert sha256_at(dev, 0, 1 * MiB, direct=True) == before
+            assert sha256_at(dev, 48 * MiB, 1 * MiB, direct=True) == after
+            assert sha256_at(str(image), 48 * MiB, 1 * MiB) == after
+            assert image.stat().st_size >= 49 * MiB
