@@ -7,6 +7,13 @@ of the server processes) go to OUT/raw.json; ``bench.report`` turns
 them into tables and charts on the host.
 
     python -m bench.guest --out DIR [--runtime S] [--size BYTES] [--only NAMES]
+                          [--groups scaling,batching,slow]
+
+Besides the main targets, three groups of runs: ``scaling`` (memory
+disks with 1, 2 and 4 workers, and loop, by queue depth and on the
+worker-scaling jobs), ``batching`` (one worker, by requests per GET) and
+``slow`` (a backend that sleeps 5 ms per request, bench/slow_backend.py,
+with 1, 4 and 16 workers at QD32).
 """
 
 from __future__ import annotations
@@ -27,11 +34,24 @@ from typing import Any
 import psutil
 
 from abuse.control import Control
-from bench.jobs import BATCH_JOBS, BATCH_SIZES, JOBS, SCALE_QUEUE_DEPTHS, SCALE_WORKERS, Job, scale_job
+from bench.jobs import (
+    BATCH_JOBS,
+    BATCH_SIZES,
+    JOBS,
+    SCALE_JOBS,
+    SCALE_QUEUE_DEPTHS,
+    SCALE_WORKERS,
+    SLOW_JOB,
+    SLOW_WORKERS,
+    Job,
+    scale_job,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 TMPFS = Path("/tmp/bench-tmpfs")
 PYTHON = sys.executable
+SLOW_BACKEND = f"python:{ROOT / 'bench' / 'slow_backend.py'}:SlowBackend"
+GROUPS = ("scaling", "batching", "slow")
 
 
 @dataclass
@@ -77,7 +97,11 @@ def served_abuse_disk(size: int, server: list[str], workers: int) -> Iterator[De
         attached = Path(f"/sys/block/{config.name}/abuse/attached")
         proc = subprocess.Popen([*server, config.path], cwd=ROOT, stdout=subprocess.DEVNULL)
         try:
-            wait_for(f"{workers} workers on {config.path}", lambda: int(attached.read_text()) == workers)
+            wait_for(
+                f"{workers} workers on {config.path}",
+                lambda: int(attached.read_text()) == workers,
+                timeout=60.0 + 10.0 * workers,
+            )
             yield Device(config.path, [psutil.Process(proc.pid)])
         finally:
             proc.terminate()
@@ -90,6 +114,17 @@ def abuse_disk(size: int, backend: str, workers: int, batch: int) -> Any:
     serve = [PYTHON, "-m", "abusectl", "serve", "--backend", backend]
     serve += ["--workers", str(workers), "--batch", str(batch)]
     return served_abuse_disk(size, serve, workers)
+
+
+@contextlib.contextmanager
+def file_disk(size: int, image: Path, mapped: bool, workers: int, batch: int) -> Iterator[Device]:
+    """An abuse disk over ``image`` (a tmpfs file), served in place or by copy."""
+    spec = f"file:{image}" + ("" if mapped else "?mapped=0")
+    try:
+        with abuse_disk(size, spec, workers, batch) as device:
+            yield device
+    finally:
+        image.unlink(missing_ok=True)
 
 
 def profiled_disk(size: int, out: Path) -> Any:
@@ -187,12 +222,12 @@ def _busy_cpu() -> float:
 
 def targets(size: int, batch: int) -> dict[str, Any]:
     """Every target of the main table, by name, as a context-manager factory."""
-    image = str(TMPFS / "abuse.img")
     plugin = str(ROOT / "bench" / "nbdkit_memory.py")
     return {
         "abuse-mem-1w": lambda: abuse_disk(size, "memory", 1, batch),
         "abuse-mem-2w": lambda: abuse_disk(size, "memory", 2, batch),
-        "abuse-file-1w": lambda: abuse_disk(size, "file:" + image, 1, batch),
+        "abuse-file-1w": lambda: file_disk(size, TMPFS / "abuse.img", True, 1, batch),
+        "abuse-file-copy-1w": lambda: file_disk(size, TMPFS / "abuse.img", False, 1, batch),
         "loop": lambda: loop_disk(size),
         "nbdkit-c": lambda: nbd_disk(["memory", str(size)]),
         "nbdkit-py": lambda: nbd_disk(["python", plugin, f"size={size}"]),
@@ -206,7 +241,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=1 << 30, help="bytes per device")
     parser.add_argument("--batch", type=int, default=64, help="abuse requests per GET")
     parser.add_argument("--only", default="", help="comma-separated targets (default: all)")
-    parser.add_argument("--no-scaling", action="store_true", help="skip the scaling and batching runs")
+    parser.add_argument("--no-scaling", action="store_true", help="skip every group (--groups '')")
+    parser.add_argument(
+        "--groups",
+        default=",".join(GROUPS),
+        help=f"comma-separated groups to run after the targets: {GROUPS}",
+    )
     parser.add_argument("--profile", action="store_true", help="only profile one worker, per job")
     parser.add_argument("--no-prefill", action="store_true", help="do not write each device first")
     args = parser.parse_args(argv)
@@ -238,16 +278,26 @@ def main(argv: list[str] | None = None) -> int:
             if chosen and name not in chosen:
                 continue
             failed += _measure(result, name, factory, JOBS, args.runtime, fill)
-        if not args.no_scaling:
+        groups = set() if args.no_scaling else {name for name in args.groups.split(",") if name}
+        if groups - set(GROUPS):
+            raise SystemExit(f"bench.guest: unknown groups {sorted(groups - set(GROUPS))}")
+        if "scaling" in groups:
             for workers in SCALE_WORKERS:
                 factory = lambda w=workers: abuse_disk(args.size, "memory", w, args.batch)  # noqa: E731
-                jobs = [scale_job(qd) for qd in SCALE_QUEUE_DEPTHS]
-                failed += _measure(result, f"scale-abuse-mem-{workers}w", factory, jobs, args.runtime, fill)
+                failed += _measure(
+                    result, f"scale-abuse-mem-{workers}w", factory, SCALE_JOBS, args.runtime, fill
+                )
             jobs = [scale_job(qd) for qd in SCALE_QUEUE_DEPTHS]
             failed += _measure(result, "scale-loop", lambda: loop_disk(args.size), jobs, args.runtime, fill)
+        if "batching" in groups:
             for batch in BATCH_SIZES:
                 factory = lambda b=batch: abuse_disk(args.size, "memory", 1, b)  # noqa: E731
                 failed += _measure(result, f"batch-{batch}", factory, BATCH_JOBS, args.runtime, fill)
+        if "slow" in groups:
+            # Nothing to prefill: the backend stores nothing.
+            for workers in SLOW_WORKERS:
+                factory = lambda w=workers: abuse_disk(args.size, SLOW_BACKEND, w, args.batch)  # noqa: E731
+                failed += _measure(result, f"slow-{workers}w", factory, [SLOW_JOB], args.runtime, False)
     finally:
         result["guest_loadavg_after"] = os.getloadavg()
         (args.out / "raw.json").write_text(json.dumps(result, indent=1))

@@ -4,7 +4,20 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["BATCH_JOBS", "BATCH_SIZES", "JOBS", "SCALE_QUEUE_DEPTHS", "SCALE_WORKERS", "Job", "scale_job"]
+__all__ = [
+    "BATCH_JOBS",
+    "BATCH_SIZES",
+    "JOBS",
+    "SCALE_JOBS",
+    "SCALE_QUEUE_DEPTHS",
+    "SCALE_WORKERS",
+    "SLOW_DELAY_S",
+    "SLOW_JOB",
+    "SLOW_WORKERS",
+    "WORKER_SCALING_JOBS",
+    "Job",
+    "scale_job",
+]
 
 
 @dataclass(frozen=True)
@@ -38,6 +51,28 @@ BATCH_JOBS = [job for job in JOBS if job.name in ("randread-4k-qd32", "randwrite
 SCALE_QUEUE_DEPTHS = (1, 8, 32, 128)
 
 
-def scale_job(queue_depth: int) -> Job:
-    """The scaling figure's job: 4k random reads at ``queue_depth``."""
-    return Job(f"randread-4k-qd{queue_depth}", "randread", "4k", queue_depth)
+def scale_job(queue_depth: int, rw: str = "randread") -> Job:
+    """The scaling figure's job: 4k random I/O (reads by default) at ``queue_depth``."""
+    return Job(f"{rw}-4k-qd{queue_depth}", rw, "4k", queue_depth)
+
+
+# The worker-scaling table (issue 12): memory disks with 1, 2 and 4
+# workers, each judged against one worker on the same job.
+WORKER_SCALING_JOBS = [
+    scale_job(32),
+    scale_job(128),
+    scale_job(32, "randwrite"),
+    scale_job(128, "randwrite"),
+    *[job for job in JOBS if job.sequential],
+]
+# Every scaling series runs the read depths of the figure, then the rest
+# of the worker-scaling table.
+SCALE_JOBS = [scale_job(qd) for qd in SCALE_QUEUE_DEPTHS] + [
+    job for job in WORKER_SCALING_JOBS if job.name not in {f"randread-4k-qd{qd}" for qd in SCALE_QUEUE_DEPTHS}
+]
+
+# A backend that waits (bench/slow_backend.py): each read sleeps this
+# long, served by 1, 4 and 16 workers at QD32.
+SLOW_DELAY_S = 0.005
+SLOW_WORKERS = (1, 4, 16)
+SLOW_JOB = Job("randread-4k-qd32", "randread", "4k", 32)

@@ -18,9 +18,28 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.jobs import BATCH_JOBS, JOBS, SCALE_QUEUE_DEPTHS, SCALE_WORKERS
+from bench.jobs import (
+    BATCH_JOBS,
+    JOBS,
+    SCALE_QUEUE_DEPTHS,
+    SCALE_WORKERS,
+    SLOW_DELAY_S,
+    SLOW_JOB,
+    WORKER_SCALING_JOBS,
+)
 
-__all__ = ["Row", "batching", "main", "markdown", "rows_from_raw", "summary", "targets_check"]
+__all__ = [
+    "Row",
+    "batching",
+    "file_vs_memory",
+    "main",
+    "markdown",
+    "rows_from_raw",
+    "slow_backend",
+    "summary",
+    "targets_check",
+    "worker_scaling",
+]
 
 LOOP = "loop"
 NBDKIT_C = "nbdkit-c"
@@ -43,6 +62,24 @@ TARGETS = [
     ("4k QD1 IOPS", ("randread-4k-qd1", "randwrite-4k-qd1"), 0.4),
 ]
 QD32_LEAST_6_12 = 0.6
+
+# The file backend served in place against the memory backend (issue 13):
+# at least FILE_LEAST of memory's figure, read and write, in these columns.
+MEMORY_1W = "abuse-mem-1w"
+FILE_IN_PLACE = "abuse-file-1w"
+FILE_COPY = "abuse-file-copy-1w"
+FILE_LEAST = 0.8
+FILE_JUDGED = ("4k QD32 IOPS", "1M seq MB/s")
+
+# The 5 ms backend (issue 12): the most workers reach SLOW_LEAST_IDEAL of
+# the ideal and SLOW_LEAST_VS_1W times one worker.
+SLOW_LEAST_IDEAL = 0.8
+SLOW_LEAST_VS_1W = 10.0
+
+# Worker scaling (issue 12): every worker count reaches this much of one
+# worker's figure, on 4k random jobs and on 1M sequential ones.
+SCALING_LEAST_4K = 0.9
+SCALING_LEAST_SEQ = 1.0
 
 
 def kernel_series(kernel: str) -> str:
@@ -109,7 +146,7 @@ def rows_from_raw(raw: dict[str, Any]) -> list[Row]:
 
 
 def _main_rows(rows: list[Row]) -> list[Row]:
-    return [row for row in rows if not row.target.startswith(("scale-", "batch-"))]
+    return [row for row in rows if not row.target.startswith(("scale-", "batch-", "slow-"))]
 
 
 def _figure(rows: list[Row], target: str, jobs: tuple[str, ...]) -> float | None:
@@ -159,9 +196,9 @@ def summary(rows: list[Row]) -> list[dict[str, Any]]:
     return out
 
 
-def _worst_ratio(rows: list[Row], target: str, jobs: tuple[str, ...]) -> float | None:
-    """The lowest ratio to loop among ``jobs`` on ``target``."""
-    ratios = [_ratio(_figure(rows, target, (job,)), _figure(rows, LOOP, (job,))) for job in jobs]
+def _worst_ratio(rows: list[Row], target: str, jobs: tuple[str, ...], base: str = LOOP) -> float | None:
+    """The lowest ratio to ``base`` (loop) among ``jobs`` on ``target``."""
+    ratios = [_ratio(_figure(rows, target, (job,)), _figure(rows, base, (job,))) for job in jobs]
     return None if None in ratios else min(r for r in ratios if r is not None)
 
 
@@ -192,11 +229,110 @@ def targets_check(rows: list[Row], kernel: str) -> list[dict[str, Any]]:
     return checks
 
 
+def file_vs_memory(rows: list[Row]) -> list[dict[str, Any]]:
+    """Per file target: each summary column's figure and its ratio to one memory worker.
+
+    ``vs_memory`` is the ratio of the means of read and write, ``worst``
+    the worse of the two ratios; the in-place target is judged by
+    ``worst`` against FILE_LEAST in the FILE_JUDGED columns and also gets
+    its ratio to the by-copy target.
+    """
+    main = _main_rows(rows)
+    out = []
+    for target in (t for t in _targets(main) if t.startswith("abuse-file")):
+        entry: dict[str, Any] = {"target": target}
+        for label, jobs in SUMMARY_COLUMNS:
+            value = _figure(main, target, jobs)
+            cell: dict[str, Any] = {
+                "value": value,
+                "vs_memory": _ratio(value, _figure(main, MEMORY_1W, jobs)),
+                "worst": _worst_ratio(main, target, jobs, MEMORY_1W),
+            }
+            if target == FILE_IN_PLACE:
+                cell["vs_copy"] = _ratio(value, _figure(main, FILE_COPY, jobs))
+                if label in FILE_JUDGED:
+                    cell["least"] = FILE_LEAST
+                    cell["holds"] = cell["worst"] is not None and cell["worst"] >= FILE_LEAST
+            entry[label] = cell
+        out.append(entry)
+    return out
+
+
+def slow_backend(rows: list[Row]) -> list[dict[str, Any]]:
+    """The 5 ms backend by workers: IOPS, median latency, ratios to the ideal and to 1 worker.
+
+    The ideal is min(workers, queue depth) requests per SLOW_DELAY_S.
+    The most workers are judged against SLOW_LEAST_IDEAL and
+    SLOW_LEAST_VS_1W.
+    """
+    found = {
+        int(row.target.removeprefix("slow-").removesuffix("w")): row
+        for row in rows
+        if row.target.startswith("slow-") and row.job == SLOW_JOB.name
+    }
+    one = found.get(1)
+    out: list[dict[str, Any]] = []
+    for workers, row in sorted(found.items()):
+        ideal = min(workers, SLOW_JOB.queue_depth) / SLOW_DELAY_S
+        out.append(
+            {
+                "workers": workers,
+                "iops": row.iops,
+                "p50_ms": None if row.p50_us is None else row.p50_us / 1e3,
+                "ideal": ideal,
+                "vs_ideal": _ratio(row.iops, ideal),
+                "vs_1w": _ratio(row.iops, one.iops if one else None),
+            }
+        )
+    if out and out[-1]["workers"] > 1:
+        last = out[-1]
+        vs_ideal, vs_1w = last["vs_ideal"] or 0.0, last["vs_1w"] or 0.0
+        last["holds"] = vs_ideal >= SLOW_LEAST_IDEAL and vs_1w >= SLOW_LEAST_VS_1W
+    return out
+
+
+def worker_scaling(rows: list[Row]) -> list[dict[str, Any]]:
+    """Memory workers 1, 2, 4 on the worker-scaling jobs, each against 1 worker.
+
+    A job holds when every worker count with a figure reaches
+    SCALING_LEAST_4K (random 4k) or SCALING_LEAST_SEQ (1M sequential) of
+    one worker's figure.
+    """
+    figures: dict[str, dict[int, float]] = {}
+    for row in rows:
+        if row.target.startswith("scale-abuse-mem-"):
+            workers = int(row.target.removeprefix("scale-abuse-mem-").removesuffix("w"))
+            figures.setdefault(row.job, {})[workers] = row.figure
+    out = []
+    for job in WORKER_SCALING_JOBS:
+        by_workers = figures.get(job.name, {})
+        if not by_workers:
+            continue
+        one = by_workers.get(1)
+        least = SCALING_LEAST_SEQ if job.sequential else SCALING_LEAST_4K
+        cells = {
+            w: {"value": by_workers.get(w), "vs_1w": _ratio(by_workers.get(w), one)} for w in SCALE_WORKERS
+        }
+        ratios = [cell["vs_1w"] for w, cell in cells.items() if w != 1 and cell["value"] is not None]
+        out.append(
+            {
+                "job": job.name,
+                "unit": "MB/s" if job.sequential else "IOPS",
+                "least": least,
+                "workers": cells,
+                "holds": bool(ratios)
+                and None not in ratios
+                and min(r for r in ratios if r is not None) >= least,
+            }
+        )
+    return out
+
+
 def scaling(rows: list[Row]) -> dict[str, dict[int, float]]:
-    """IOPS by queue depth for each scaling series (workers, and loop)."""
+    """4k random read IOPS by queue depth for each scaling series (workers, and loop)."""
     series: dict[str, dict[int, float]] = {}
     for row in rows:
-        if row.target.startswith("scale-"):
+        if row.target.startswith("scale-") and row.job.startswith("randread-4k-qd"):
             depth = int(row.job.rsplit("qd", 1)[1])
             series.setdefault(row.target.removeprefix("scale-"), {})[depth] = row.iops
     return series
@@ -240,6 +376,7 @@ def markdown(raw: dict[str, Any], rows: list[Row], images: tuple[str, str] | Non
         )
     if images:
         lines += ["", f"![ratio to loop]({images[0]})"]
+    lines += _file_table(rows)
     lines += ["", "## Every job", ""]
     lines += [
         "| target | job | IOPS | MB/s | p50 us | p99 us | server CPU us/req | guest CPU us/req"
@@ -266,6 +403,8 @@ def markdown(raw: dict[str, Any], rows: list[Row], images: tuple[str, str] | Non
             lines.append(f"| {name} | {cells} |")
         if images:
             lines += ["", f"![scaling]({images[1]})"]
+    lines += _worker_scaling_table(rows)
+    lines += _slow_table(rows)
     by_batch = batching(rows)
     if by_batch:
         jobs = [job.name for job in BATCH_JOBS]
@@ -281,6 +420,88 @@ def markdown(raw: dict[str, Any], rows: list[Row], images: tuple[str, str] | Non
         lines += ["", "## Failed targets", ""]
         lines += [f"- {name}: {why}" for name, why in raw["failures"].items()]
     return "\n".join(lines) + "\n"
+
+
+def _holds(entry: dict[str, Any]) -> str:
+    if "holds" not in entry:
+        return "-"
+    return "yes" if entry["holds"] else "no"
+
+
+def _file_table(rows: list[Row]) -> list[str]:
+    entries = file_vs_memory(rows)
+    if not entries:
+        return []
+    lines = [
+        "",
+        f"## File backend on tmpfs: in place ({FILE_IN_PLACE}) and by copy ({FILE_COPY}) "
+        f"vs memory ({MEMORY_1W})",
+        "",
+        f"Ratios to {MEMORY_1W}: of the means of read and write, then the worse of the two; "
+        f"the in-place target must reach {FILE_LEAST}x (the worse) at {' and '.join(FILE_JUDGED)}.",
+        "",
+        "| target | "
+        + " | ".join(f"{label} | vs memory | worse of r/w" for label, _ in SUMMARY_COLUMNS)
+        + " | in place vs copy (4k QD32, 1M) | holds |",
+        "|---|" + "---|---|---|" * len(SUMMARY_COLUMNS) + "---|---|",
+    ]
+    for entry in entries:
+        cells = []
+        for label, _ in SUMMARY_COLUMNS:
+            cell = entry[label]
+            cells.append(f"{_fmt(cell['value'])} | {_x(cell['vs_memory'])} | {_x(cell['worst'])}")
+        judged = [entry[label] for label in FILE_JUDGED]
+        vs_copy = ", ".join(_x(cell.get("vs_copy")) for cell in judged) if "vs_copy" in judged[0] else "-"
+        holds = "-"
+        if any("holds" in cell for cell in judged):
+            holds = "yes" if all(cell.get("holds") for cell in judged) else "no"
+        lines.append(f"| {entry['target']} | " + " | ".join(cells) + f" | {vs_copy} | {holds} |")
+    return lines
+
+
+def _worker_scaling_table(rows: list[Row]) -> list[str]:
+    entries = worker_scaling(rows)
+    if not entries:
+        return []
+    lines = [
+        "",
+        "## Worker scaling: memory backend, by workers, ratio to 1 worker",
+        "",
+        f"Each worker count must reach {SCALING_LEAST_4K}x of 1 worker at 4k and {SCALING_LEAST_SEQ}x at 1M.",
+        "",
+        "| job | unit | " + " | ".join(f"{w}w | vs 1w" for w in SCALE_WORKERS) + " | least | holds |",
+        "|---|---|" + "---|---|" * len(SCALE_WORKERS) + "---|---|",
+    ]
+    for entry in entries:
+        cells = " | ".join(
+            f"{_fmt(entry['workers'][w]['value'])} | {_x(entry['workers'][w]['vs_1w'])}"
+            for w in SCALE_WORKERS
+        )
+        lines.append(f"| {entry['job']} | {entry['unit']} | {cells} | {entry['least']}x | {_holds(entry)} |")
+    return lines
+
+
+def _slow_table(rows: list[Row]) -> list[str]:
+    entries = slow_backend(rows)
+    if not entries:
+        return []
+    ms = SLOW_DELAY_S * 1e3
+    lines = [
+        "",
+        f"## A backend that sleeps {ms:g} ms per request: {SLOW_JOB.name}, by workers",
+        "",
+        f"Ideal: min(workers, QD{SLOW_JOB.queue_depth}) requests per {ms:g} ms. The most workers must reach "
+        f"{SLOW_LEAST_IDEAL}x of the ideal and {SLOW_LEAST_VS_1W:g}x of 1 worker.",
+        "",
+        "| workers | IOPS | p50 ms | ideal IOPS | vs ideal | vs 1w | holds |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for entry in entries:
+        lines.append(
+            f"| {entry['workers']} | {_fmt(entry['iops'])} | {_fmt(entry['p50_ms'], 1)} | "
+            f"{_fmt(entry['ideal'])} | {_x(entry['vs_ideal'])} | {_x(entry['vs_1w'])} | {_holds(entry)} |"
+        )
+    return lines
 
 
 def _summary_table(rows: list[Row]) -> list[str]:
@@ -316,7 +537,8 @@ def charts(rows: list[Row], bars: Path, lines: Path) -> None:
     ax.set_xticks([j + width * (len(names) - 1) / 2 for j in range(len(jobs))], jobs, fontsize=8)
     ax.set_ylabel("ratio to loop over tmpfs (higher is better)")
     ax.set_title("abuse and its peers, relative to loop, same boot")
-    ax.legend(fontsize=8)
+    if names:
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(bars, dpi=100)
     plt.close(fig)
@@ -354,6 +576,9 @@ def readme_block(raw: dict[str, Any], rows: list[Row], stem: str) -> str:
         "",
     ]
     lines += _summary_table(rows)
+    lines += _file_table(rows)
+    lines += _worker_scaling_table(rows)
+    lines += _slow_table(rows)
     lines += [
         "",
         f"![ratio to loop](bench/results/{stem}.png)",
@@ -387,6 +612,9 @@ def main(argv: list[str] | None = None) -> int:
         "summary": summary(rows),
         "targets": targets_check(rows, raw["kernel"]),
         "scaling": scaling(rows),
+        "worker_scaling": worker_scaling(rows),
+        "file_vs_memory": file_vs_memory(rows),
+        "slow_backend": slow_backend(rows),
         "batching": batching(rows),
         "runs": [asdict(row) for row in rows],
     }

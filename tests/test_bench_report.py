@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from bench import report
-from bench.jobs import BATCH_JOBS, JOBS
+from bench.jobs import BATCH_JOBS, JOBS, SLOW_DELAY_S, WORKER_SCALING_JOBS
 
 CANNED = json.loads((Path(__file__).parent / "data" / "fio-randread.json").read_text())
 CANNED_IOPS = CANNED["jobs"][0]["read"]["iops"]
@@ -160,7 +160,7 @@ def test_main_writes_markdown_json_charts_and_readme(tmp_path: Path) -> None:
     for suffix in (".png", "-scaling.png"):
         assert (results / f"{stem}{suffix}").read_bytes().startswith(b"\x89PNG")
     text = readme.read_text()
-    assert "old" not in text and text.startswith("intro\n") and text.endswith("rest\n")
+    assert "\nold\n" not in text and text.startswith("intro\n") and text.endswith("rest\n")
     assert "kept" in text  # the 6.12 block is another kernel's: left alone
     assert f"bench/results/{stem}.png" in text
 
@@ -168,3 +168,159 @@ def test_main_writes_markdown_json_charts_and_readme(tmp_path: Path) -> None:
 def test_readme_without_markers_is_refused() -> None:
     with pytest.raises(ValueError, match="bench:start"):
         report.replace_readme_block("no block here", "x", "6.1")
+
+
+def _run(target: str, job: str, scale: float) -> dict[str, Any]:
+    return {
+        "target": target,
+        "job": job,
+        "fio": fio_output(job, scale),
+        "server_cpu_s": 1.0,
+        "guest_busy_cpu_s": 1.0,
+    }
+
+
+def _with_p50(run: dict[str, Any], p50_us: float) -> dict[str, Any]:
+    run["fio"]["jobs"][0]["read"]["clat_ns"]["percentile"]["50.000000"] = p50_us * 1e3
+    return run
+
+
+def _file_raw(in_place: float, copy: float) -> dict[str, Any]:
+    """Memory at 1.0, the file targets at ``in_place`` and ``copy`` of it;
+    the in-place file's 1M write at 0.7 whatever ``in_place`` says."""
+    raw = raw_result({"abuse-mem-1w": 1.0, "loop": 1.0}, scaling=False)
+    for job in JOBS:
+        scale = 0.7 if job.name == "seqwrite-1M-qd4" else in_place
+        raw["runs"].append(_run(report.FILE_IN_PLACE, job.name, scale))
+        raw["runs"].append(_run(report.FILE_COPY, job.name, copy))
+    return raw
+
+
+def test_file_in_place_is_judged_against_memory_by_the_worse_of_read_and_write() -> None:
+    rows = report.rows_from_raw(_file_raw(in_place=0.9, copy=0.3))
+    entries = {entry["target"]: entry for entry in report.file_vs_memory(rows)}
+    assert list(entries) == [report.FILE_IN_PLACE, report.FILE_COPY]
+    qd32 = entries[report.FILE_IN_PLACE]["4k QD32 IOPS"]
+    assert qd32["vs_memory"] == pytest.approx(0.9)
+    assert qd32["worst"] == pytest.approx(0.9)
+    assert qd32["vs_copy"] == pytest.approx(3.0)
+    assert (qd32["least"], qd32["holds"]) == (0.8, True)
+    seq = entries[report.FILE_IN_PLACE]["1M seq MB/s"]
+    assert seq["vs_memory"] == pytest.approx(0.8)  # the mean of 0.9 and 0.7 ...
+    assert seq["worst"] == pytest.approx(0.7)  # ... but the write alone is short
+    assert seq["holds"] is False
+    assert "holds" not in entries[report.FILE_IN_PLACE]["4k QD1 IOPS"]  # not judged
+    assert "holds" not in entries[report.FILE_COPY]["4k QD32 IOPS"]
+    # Neither in the main table's targets check (memory only) nor lost from it.
+    assert [s["target"] for s in report.summary(rows)][-2:] == [report.FILE_IN_PLACE, report.FILE_COPY]
+
+
+def test_file_table_in_markdown_and_readme() -> None:
+    raw = _file_raw(in_place=0.9, copy=0.3)
+    rows = report.rows_from_raw(raw)
+    for text in (report.markdown(raw, rows), report.readme_block(raw, rows, "stem")):
+        assert "## File backend on tmpfs" in text
+        line = next(
+            line
+            for line in text.splitlines()
+            if line.startswith(f"| {report.FILE_IN_PLACE} | ") and "3.00x" in line
+        )
+        assert "0.70x" in line and line.endswith("| 3.00x, 2.67x | no |")
+
+
+def _slow_raw(iops_by_workers: dict[int, float], p50_us: float = 5200.0) -> dict[str, Any]:
+    raw = raw_result({"loop": 1.0}, scaling=False)
+    for workers, iops in iops_by_workers.items():
+        run = _with_p50(_run(f"slow-{workers}w", "randread-4k-qd32", iops / CANNED_IOPS), p50_us)
+        raw["runs"].append(run)
+    return raw
+
+
+def test_slow_backend_against_the_ideal_and_one_worker() -> None:
+    rows = report.rows_from_raw(_slow_raw({1: 195.0, 4: 780.0, 16: 2900.0}))
+    entries = report.slow_backend(rows)
+    assert [e["workers"] for e in entries] == [1, 4, 16]
+    one, four, sixteen = entries
+    assert one["ideal"] == pytest.approx(200.0)
+    assert four["ideal"] == pytest.approx(800.0)
+    assert sixteen["ideal"] == pytest.approx(3200.0)  # 16 workers / 5 ms, under QD32
+    assert sixteen["vs_ideal"] == pytest.approx(2900.0 / 3200.0)
+    assert sixteen["vs_1w"] == pytest.approx(2900.0 / 195.0)
+    assert sixteen["p50_ms"] == pytest.approx(5.2)
+    assert sixteen["holds"] is True
+    assert "holds" not in one and "holds" not in four
+    assert not any(row.target.startswith("slow-") for row in report._main_rows(rows))
+
+
+def test_slow_backend_fails_short_of_the_ideal_or_of_ten_times_one_worker() -> None:
+    (*_, short) = report.slow_backend(report.rows_from_raw(_slow_raw({1: 195.0, 16: 2322.0})))
+    assert short["holds"] is False  # 0.73 of the ideal
+    (*_, flat) = report.slow_backend(report.rows_from_raw(_slow_raw({1: 300.0, 16: 2600.0})))
+    assert flat["vs_ideal"] >= 0.8 and flat["holds"] is False  # only 8.7x of one worker
+
+
+def test_slow_table_in_markdown_json_and_readme(tmp_path: Path) -> None:
+    raw = _slow_raw({1: 195.0, 4: 780.0, 16: 2900.0})
+    rows = report.rows_from_raw(raw)
+    for text in (report.markdown(raw, rows), report.readme_block(raw, rows, "stem")):
+        assert "## A backend that sleeps 5 ms per request" in text
+        assert "| 16 | 2,900 | 5.2 | 3,200 | 0.91x | 14.87x | yes |" in text
+    raw_dir = tmp_path / "raw"
+    raw_dir.mkdir()
+    (raw_dir / "raw.json").write_text(json.dumps(raw))
+    assert report.main([str(raw_dir), "--results", str(tmp_path / "results")]) == 0
+    (document,) = [json.loads(p.read_text()) for p in (tmp_path / "results").glob("*.json")]
+    assert [e["workers"] for e in document["slow_backend"]] == [1, 4, 16]
+
+
+def _scaling_raw(scales: dict[int, dict[str, float]]) -> dict[str, Any]:
+    raw = raw_result({"loop": 1.0}, scaling=False)
+    for workers, by_job in scales.items():
+        for job in WORKER_SCALING_JOBS:
+            raw["runs"].append(_run(f"scale-abuse-mem-{workers}w", job.name, by_job.get(job.name, 1.0)))
+        raw["runs"].append(_run(f"scale-abuse-mem-{workers}w", "randread-4k-qd1", 0.1))
+    return raw
+
+
+def test_worker_scaling_reports_every_job_against_one_worker() -> None:
+    raw = _scaling_raw({1: {}, 2: {"randwrite-4k-qd128": 0.85}, 4: {"seqread-1M-qd4": 0.95}})
+    entries = {e["job"]: e for e in report.worker_scaling(report.rows_from_raw(raw))}
+    assert list(entries) == [job.name for job in WORKER_SCALING_JOBS]
+    assert {"randread-4k-qd32", "randread-4k-qd128", "randwrite-4k-qd32", "randwrite-4k-qd128"} <= set(
+        entries
+    )
+    assert {"seqread-1M-qd4", "seqwrite-1M-qd4"} <= set(entries)
+    assert entries["randread-4k-qd32"]["holds"] is True
+    assert entries["randwrite-4k-qd128"]["workers"][2]["vs_1w"] == pytest.approx(0.85)
+    assert entries["randwrite-4k-qd128"]["holds"] is False  # < 0.9
+    assert entries["seqread-1M-qd4"]["unit"] == "MB/s"
+    assert entries["seqread-1M-qd4"]["least"] == 1.0
+    assert entries["seqread-1M-qd4"]["holds"] is False  # 4 workers at 0.95 of one
+    assert entries["seqwrite-1M-qd4"]["holds"] is True
+
+
+def test_worker_scaling_leaves_the_queue_depth_figure_to_reads() -> None:
+    raw = _scaling_raw({1: {"randwrite-4k-qd32": 5.0}, 2: {}})
+    series = report.scaling(report.rows_from_raw(raw))
+    assert series["abuse-mem-1w"][32] == pytest.approx(CANNED_IOPS)  # the read, not the write
+    assert sorted(series["abuse-mem-1w"]) == [1, 32, 128]
+
+
+def test_worker_scaling_table_in_markdown_and_readme() -> None:
+    raw = _scaling_raw({1: {}, 2: {"randwrite-4k-qd128": 0.85}, 4: {}})
+    rows = report.rows_from_raw(raw)
+    for text in (report.markdown(raw, rows), report.readme_block(raw, rows, "stem")):
+        assert "## Worker scaling: memory backend" in text
+        line = next(line for line in text.splitlines() if line.startswith("| randwrite-4k-qd128 | IOPS | "))
+        assert "0.85x" in line and line.endswith("| 0.9x | no |")
+        assert "| seqwrite-1M-qd4 | MB/s | " in text
+
+
+def test_slow_backend_delay_matches_the_jobs() -> None:
+    from bench.slow_backend import SlowBackend
+
+    assert SlowBackend.delay == SLOW_DELAY_S
+    backend = SlowBackend(1 << 20)
+    buf = bytearray(b"x" * 4096)
+    backend.read(0, memoryview(buf))
+    assert bytes(buf) == bytes(4096)

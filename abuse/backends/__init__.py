@@ -10,7 +10,8 @@ A backend is named by a spec string, as ``abusectl serve --backend``
 takes it:
 
     memory                   MemoryBackend: sparse shared memory
-    file:PATH                FileBackend: image file (created sparse) or block device
+    file:PATH                FileBackend: image file (created sparse) or block device,
+                             served in place; file:PATH?mapped=0 serves it by copy
     null                     NullBackend: reads zeroes, drops writes
     zero                     ZeroBackend: reads zeroes, refuses writes (EROFS)
     python:MODULE:CLASS      the user's Backend subclass, built as CLASS(size);
@@ -24,7 +25,7 @@ import os
 from typing import Callable, NamedTuple
 
 from abuse.backends.base import Backend
-from abuse.backends.file import FileBackend
+from abuse.backends.file import FileBackend, split_file_argument
 from abuse.backends.memory import MemoryBackend
 from abuse.backends.null import NullBackend, ZeroBackend
 from abuse.backends.user import open_user_backend
@@ -47,12 +48,13 @@ class _Kind(NamedTuple):
     open: Callable[[str, str, int], Backend]  # (argument, whole spec, size)
 
 
-def _open_file(path: str, spec: str, size: int) -> Backend:
+def _open_file(argument: str, spec: str, size: int) -> Backend:
+    path, mapped = split_file_argument(argument)
     path = os.path.expanduser(path)
     parent = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(parent):
         raise FileNotFoundError(errno.ENOENT, f"backend {spec!r}: directory {parent} does not exist")
-    return FileBackend(path, size)
+    return FileBackend(path, size, mapped)
 
 
 def _open_python(argument: str, spec: str, size: int) -> Backend:
@@ -85,6 +87,11 @@ def _split(spec: str) -> tuple[_Kind, str]:
         raise _bad(spec, f"{name} needs {kind.usage}")
     if not kind.takes_argument and colon:
         raise _bad(spec, f"{name} takes no argument")
+    if name == "file":
+        try:
+            split_file_argument(argument)
+        except ValueError as err:
+            raise _bad(spec, str(err)) from None
     if name == "python":
         target, _, class_name = argument.rpartition(":")
         if not target or not all(part.isidentifier() for part in class_name.split(".")):
