@@ -107,8 +107,11 @@ def test_older_module_is_served_by_copy_and_poll(disks: Disks, monkeypatch: pyte
 @pytest.mark.parametrize(
     ("backend", "flags"),
     [
-        ("zero", 0),
-        ("memory", uapi.ABUSE_F_FLUSH | uapi.ABUSE_F_DISCARD | uapi.ABUSE_F_WRITE_ZEROES),
+        ("zero", uapi.ABUSE_F_FENCE),
+        (
+            "memory",
+            uapi.ABUSE_F_FLUSH | uapi.ABUSE_F_DISCARD | uapi.ABUSE_F_WRITE_ZEROES | uapi.ABUSE_F_FENCE,
+        ),  # noqa: E501
     ],
 )
 def test_capabilities_set_the_created_disk_flags(tmp_path: Path, backend: str, flags: int) -> None:
