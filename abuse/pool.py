@@ -64,6 +64,7 @@ import psutil
 
 from abuse._exceptions import AbuseError
 from abuse.backends.base import Backend
+from abuse.clock import coarse_seconds
 from abuse.control import Control
 from abuse.credentials import Credentials
 from abuse.worker import DEFAULT_BATCH, Worker
@@ -120,7 +121,7 @@ def worker_alive() -> None:
     """Stamp this child's liveness slot now (no-op outside a pool's child)."""
     link = _link
     if link is not None:
-        link.stamps[link.number] = time.monotonic()
+        link.stamps[link.number] = coarse_seconds()
 
 
 def worker_ready() -> None:
@@ -139,7 +140,7 @@ def _alive_hook() -> Callable[[], None] | None:
     link = _link
     if link is None:
         return None
-    stamps, number, clock = link.stamps, link.number, time.monotonic
+    stamps, number, clock = link.stamps, link.number, coarse_seconds
 
     def alive() -> None:
         stamps[number] = clock()

@@ -20,7 +20,7 @@ worker only answers; if the disk outgrows the mapping, it goes back to
 the buffer.
 
 How many requests a worker takes at once adapts to its backend: a
-batch should take about ``BATCH_BUDGET_NS`` to serve, so a backend that
+batch should take about ``BATCH_BUDGET_NS`` (2 ms) to serve, so a backend that
 waits (a network, a slow disk) takes one request at a time and leaves
 the rest to idle workers, which the kernel wakes when a queued request
 has waited too long, while a fast one takes up to ``batch``.
@@ -35,12 +35,13 @@ from __future__ import annotations
 import errno
 import logging
 import mmap
+import os
 import struct
-import time
 from typing import Any, Callable
 
 from abuse import uapi
 from abuse.backends.base import Backend
+from abuse.clock import coarse_ns
 from abuse.control import Control, Xfer
 
 __all__ = ["Worker"]
@@ -59,10 +60,10 @@ _REPLY = struct.Struct(uapi.struct_format("abuse_reply"))  # handle data length 
 
 DEFAULT_BATCH = 64
 DEFAULT_BUFFER_BYTES = 8 << 20
-# How long one batch may keep its requests from idle workers.
-BATCH_BUDGET_NS = 1_000_000
-_coarse_ns = time.clock_gettime_ns
-_COARSE: int = getattr(time, "CLOCK_MONOTONIC_COARSE", 6)  # <linux/time.h>; typeshed lacks it
+# How long one batch may keep its requests from idle workers (0: no
+# limit but --batch), well under the driver's longest lazy wake-up
+# (wake_max_us, 10 ms).  ABUSE_BATCH_BUDGET_US overrides it, for benchmarks.
+BATCH_BUDGET_NS = int(os.environ.get("ABUSE_BATCH_BUDGET_US", "2000")) * 1000
 
 
 class Worker:
@@ -145,9 +146,9 @@ class Worker:
             if stopping:
                 return
             if got:
-                started = _coarse_ns(_COARSE)
+                started = coarse_ns()
                 answered = self._run_batch(got)
-                self._adapt_batch(got, _coarse_ns(_COARSE) - started)
+                self._adapt_batch(got, coarse_ns() - started)
             else:
                 answered = 0
 
@@ -159,6 +160,8 @@ class Worker:
         request (an emulated HPET).  A batch measures 0 or a tick, in
         proportion to its length, so the slow moving average is right.
         """
+        if not BATCH_BUDGET_NS:
+            return
         average = self._per_request_ns
         average += (elapsed_ns // count - average) // 16
         self._per_request_ns = average

@@ -1,6 +1,7 @@
 """The dispatch probe behind docs/SCALING.md, run in the guest.
 
-For 1, 2 and 4 memory workers, and for the old dispatch (a GET sleeper
+For 1, 2 and 4 memory workers, with the worker's adaptive batch size
+and without it, and for the old dispatch (a GET sleeper
 woken for every request, no polling: module parameters wake_max_us=0,
 spin_max_us=0) beside the new one (lazy, bounded wake-ups and polling),
 it runs fio jobs and reads, with the module parameter lock_stats on, how
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +26,10 @@ from bench.jobs import Job
 PARAMS = Path("/sys/module/abuse/parameters")
 MODES = {
     "old": {"wake_max_us": "0", "spin_max_us": "0"},
-    "new": {"wake_max_us": "2000", "spin_max_us": "200"},
+    "new": {"wake_max_us": "10000", "spin_max_us": "200"},
 }
+# The worker's batch budget (ABUSE_BATCH_BUDGET_US): adaptive, and off.
+BUDGETS_US = ("1000", "0")
 JOBS = (
     Job("randread-4k-qd32", "randread", "4k", 32),
     Job("randwrite-4k-qd32", "randwrite", "4k", 32),
@@ -44,9 +48,26 @@ def _lock_stats(path: str) -> tuple[int, int]:
     return int(taken), int(ns)
 
 
+def _measure(device: Any, job: Job, runtime: int) -> dict[str, Any]:
+    taken0, ns0 = _lock_stats(device.path)
+    result = fio(device, job, runtime)
+    taken1, ns1 = _lock_stats(device.path)
+    side = result["fio"]["jobs"][0]["read" if "read" in job.rw else "write"]
+    ios = max(int(side["total_ios"]), 1)
+    return {
+        "job": job.name,
+        "iops": float(side["iops"]),
+        "sections_per_request": (taken1 - taken0) / ios,
+        "ns_per_section": (ns1 - ns0) / max(taken1 - taken0, 1),
+        "lock_ns_per_request": (ns1 - ns0) / ios,
+        "worker_us_per_request": result["server_cpu_s"] * 1e6 / ios,
+        "guest_us_per_request": result["guest_busy_cpu_s"] * 1e6 / ios,
+    }
+
+
 def _line(row: dict[str, Any]) -> str:
     return (
-        f"{row['mode']:4} {row['workers']:7} {row['job']:20} {row['iops']:8.0f}"
+        f"{row['mode']:4} {row['budget_us']:6} {row['workers']:7} {row['job']:20} {row['iops']:8.0f}"
         f" {row['sections_per_request']:13.2f} {row['ns_per_section']:11.0f}"
         f" {row['lock_ns_per_request']:12.0f} {row['worker_us_per_request']:14.1f}"
         f" {row['guest_us_per_request']:13.1f}"
@@ -63,34 +84,22 @@ def main(argv: list[str] | None = None) -> int:
     (PARAMS / "lock_stats").write_text("1")
     rows: list[dict[str, Any]] = []
     lines = [
-        "mode workers job                    IOPS  sections/req  ns/section  lock-ns/req"
+        "mode budget workers job                    IOPS  sections/req  ns/section  lock-ns/req"
         "  worker-us/req  guest-us/req"
     ]
     for workers in map(int, args.workers.split(",")):
-        with abuse_disk(args.size, "memory", workers, 64) as device:
-            prefill(device)
-            for mode, params in MODES.items():
-                _set(params)
-                for job in JOBS:
-                    taken0, ns0 = _lock_stats(device.path)
-                    result = fio(device, job, args.runtime)
-                    taken1, ns1 = _lock_stats(device.path)
-                    side = result["fio"]["jobs"][0]["read" if "read" in job.rw else "write"]
-                    ios = max(int(side["total_ios"]), 1)
-                    row = {
-                        "mode": mode,
-                        "workers": workers,
-                        "job": job.name,
-                        "iops": float(side["iops"]),
-                        "sections_per_request": (taken1 - taken0) / ios,
-                        "ns_per_section": (ns1 - ns0) / max(taken1 - taken0, 1),
-                        "lock_ns_per_request": (ns1 - ns0) / ios,
-                        "worker_us_per_request": result["server_cpu_s"] * 1e6 / ios,
-                        "guest_us_per_request": result["guest_busy_cpu_s"] * 1e6 / ios,
-                    }
-                    rows.append(row)
-                    lines.append(_line(row))
-                    print(lines[-1], flush=True)
+        for budget in BUDGETS_US:
+            os.environ["ABUSE_BATCH_BUDGET_US"] = budget
+            with abuse_disk(args.size, "memory", workers, 64) as device:
+                prefill(device)
+                for mode, params in MODES.items():
+                    _set(params)
+                    for job in JOBS:
+                        row = _measure(device, job, args.runtime)
+                        row.update(mode=mode, workers=workers, budget_us=int(budget))
+                        rows.append(row)
+                        lines.append(_line(row))
+                        print(lines[-1], flush=True)
     _set(MODES["new"])
     (PARAMS / "lock_stats").write_text("0")
     args.out.joinpath("lock-probe.txt").write_text("\n".join(lines) + "\n")

@@ -48,7 +48,7 @@
  * Dispatch tuning (see "Dispatch" below); 0 turns each one off.  Read
  * once per decision, so a change applies at once.
  */
-static unsigned int wake_max_us = 2000;
+static unsigned int wake_max_us = 10000;
 module_param(wake_max_us, uint, 0644);
 MODULE_PARM_DESC(wake_max_us,
 		 "Longest a queued request waits for a busy worker before an idle one is woken (us; 0: wake at once)");
@@ -479,11 +479,15 @@ static unsigned int abuse_reclaim_in_flight(struct abuse_device *dev)
  *    woken: it takes the request at once;
  *  - while some worker holds a batch (ABUSE_W_SERVING: it will come
  *    back with PUT+GET), the wake-up is lazy: the wake timer wakes one
- *    sleeper per request that has waited longer than the bound, twice
- *    the usual time a batch spends out of the driver (cycle_ns), within
- *    [ABUSE_WAKE_MIN_NS, wake_max_us].  So idle workers sleep while the
- *    busy one keeps up, and one is woken within the bound when it does
- *    not (it is stopped, or its backend is slow, or the queue grows);
+ *    sleeper per request that has waited longer than the bound, three
+ *    times the usual time a batch spends out of the driver (cycle_ns),
+ *    within [ABUSE_WAKE_MIN_NS, wake_max_us].  So idle workers sleep
+ *    while the busy one keeps up, and one is woken within the bound
+ *    when it does not (it is stopped, its backend is slow, or the
+ *    queue grows); a busy worker counts as such until one of its GETs
+ *    finds the queue empty (abuse_set_serving);
+ *  - with no sleeper there is nothing to do: a worker about to sleep
+ *    looks at the queue first;
  *  - otherwise one sleeper is woken at once.
  */
 
@@ -506,7 +510,7 @@ static u64 abuse_wake_bound(struct abuse_device *dev)
 {
 	u64 max = (u64)READ_ONCE(wake_max_us) * NSEC_PER_USEC;
 
-	return clamp_t(u64, 2 * READ_ONCE(dev->cycle_ns), ABUSE_WAKE_MIN_NS,
+	return clamp_t(u64, 3 * READ_ONCE(dev->cycle_ns), ABUSE_WAKE_MIN_NS,
 		       max_t(u64, max, ABUSE_WAKE_MIN_NS)) * !!max;
 }
 
@@ -529,6 +533,13 @@ static bool abuse_enqueued(struct abuse_device *dev)
 	u64 bound;
 
 	if (dev->spinner)
+		return false;
+	/*
+	 * No sleeper, nothing to wake, no timer to arm: a worker going to
+	 * sleep looks at the queue once it is on the wait queue (the
+	 * barrier in wq_has_sleeper() pairs with set_current_state()).
+	 */
+	if (!wq_has_sleeper(&dev->get_wait))
 		return false;
 	if (!atomic_read(&dev->nr_serving))
 		return true;
@@ -586,7 +597,12 @@ static enum hrtimer_restart abuse_wake_timer_fn(struct hrtimer *timer)
 	return ret;
 }
 
-/* @w took a batch (true) or came back for more (false). */
+/*
+ * @w took a batch (true), or found nothing more to take (false): a
+ * worker counts as busy from the GET that gives it a batch until a GET
+ * of its finds the queue empty, PUT+GET calls in between included, since
+ * the GET half of those takes what queued meanwhile.
+ */
 static void abuse_set_serving(struct abuse_device *dev,
 			      struct abuse_worker *w, bool serving)
 {
@@ -595,12 +611,20 @@ static void abuse_set_serving(struct abuse_device *dev,
 		if (!test_and_set_bit(ABUSE_W_SERVING, &w->flags))
 			atomic_inc(&dev->nr_serving);
 	} else if (test_and_clear_bit(ABUSE_W_SERVING, &w->flags)) {
-		u64 cycle = local_clock() - w->serving_since;
-		u64 avg = READ_ONCE(dev->cycle_ns);
-
 		atomic_dec(&dev->nr_serving);
-		WRITE_ONCE(dev->cycle_ns, avg - avg / 8 + cycle / 8);
 	}
+}
+
+/* @w is back for more: fold the time its batch took into cycle_ns. */
+static void abuse_note_cycle(struct abuse_device *dev, struct abuse_worker *w)
+{
+	u64 cycle, avg;
+
+	if (!test_bit(ABUSE_W_SERVING, &w->flags))
+		return;
+	cycle = local_clock() - w->serving_since;
+	avg = READ_ONCE(dev->cycle_ns);
+	WRITE_ONCE(dev->cycle_ns, avg - avg / 8 + cycle / 8);
 }
 
 /* ---------------------------------------------------------------------
@@ -1312,10 +1336,15 @@ static int abuse_get(struct abuse_device *dev, struct abuse_worker *w,
 			ret = abuse_get_chunk(dev, w, x, &n, &used);
 			if (ret == -EAGAIN)
 				continue;
-			if (ret <= 0)
+			/* A short chunk emptied the queue: no need to look again. */
+			if (ret <= 0 || ret < ABUSE_GET_CHUNK)
 				break;
 		}
-		if (n || ret < 0 || !wait)
+		if (n || ret < 0)
+			break;
+		/* Nothing to take: not busy any more, wake others for work. */
+		abuse_set_serving(dev, w, false);
+		if (!wait)
 			break;
 		if (!waiting)
 			waiting = local_clock();
@@ -1329,18 +1358,19 @@ static int abuse_get(struct abuse_device *dev, struct abuse_worker *w,
 	}
 	if (waiting)
 		abuse_note_gap(w, local_clock() - waiting);
-	if (n)
-		abuse_set_serving(dev, w, true);
+	abuse_set_serving(dev, w, n);
 
 	/*
 	 * Work left behind: pass the wake-up on, lazily if we now hold a
 	 * batch (abuse_enqueued), since we may well take it ourselves.
 	 */
-	spin_lock_irq(&dev->lock);
-	leftover = dev->stats.queued && abuse_enqueued(dev);
-	spin_unlock_irq(&dev->lock);
-	if (leftover)
-		abuse_wake(dev, 1);
+	if (READ_ONCE(dev->stats.queued)) {
+		spin_lock_irq(&dev->lock);
+		leftover = dev->stats.queued && abuse_enqueued(dev);
+		spin_unlock_irq(&dev->lock);
+		if (leftover)
+			abuse_wake(dev, 1);
+	}
 
 	x->nr_requests = n;
 	return n ? 0 : ret;
@@ -1880,8 +1910,8 @@ static int abuse_ctl_xfer(struct file *file, struct abuse_xfer *x, bool put)
 	if (READ_ONCE(dev->dead))
 		return -ENODEV;
 
-	/* Back from its batch: it no longer counts as busy (dispatch). */
-	abuse_set_serving(dev, w, false);
+	/* Back from its batch (dispatch: how long batches take). */
+	abuse_note_cycle(dev, w);
 	x->nr_requests = 0;
 	x->nr_accepted = 0;
 	if (put) {
