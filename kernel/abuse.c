@@ -801,8 +801,11 @@ static const struct block_device_operations abuse_bdev_ops = {
 	.free_disk	= abuse_free_disk,
 };
 
-/* /sys/block/abuseN/abuse/<counter> */
-#define ABUSE_COUNTER_ATTR(name)					\
+/*
+ * /sys/block/abuseN/abuse/<name>: each counter of dev->stats, and each
+ * field of dev->config (what the disk is), readable by anyone.
+ */
+#define ABUSE_ATTR(name, field, fmt)					\
 static ssize_t name##_show(struct device *d,				\
 			   struct device_attribute *attr, char *buf)	\
 {									\
@@ -810,11 +813,15 @@ static ssize_t name##_show(struct device *d,				\
 	u64 val;							\
 									\
 	spin_lock_irq(&dev->lock);					\
-	val = dev->stats.name;						\
+	val = (field);							\
 	spin_unlock_irq(&dev->lock);					\
-	return sysfs_emit(buf, "%llu\n", val);				\
+	return sysfs_emit(buf, fmt "\n", val);				\
 }									\
 static DEVICE_ATTR_RO(name)
+
+/* @field reads dev, the disk of the attribute's own device. */
+#define ABUSE_COUNTER_ATTR(name)	ABUSE_ATTR(name, dev->stats.name, "%llu")
+#define ABUSE_CONFIG_ATTR(name, fmt)	ABUSE_ATTR(name, dev->config.name, fmt)
 
 ABUSE_COUNTER_ATTR(queued);
 ABUSE_COUNTER_ATTR(in_flight);
@@ -827,21 +834,6 @@ ABUSE_COUNTER_ATTR(attached);
 ABUSE_COUNTER_ATTR(bytes_read);
 ABUSE_COUNTER_ATTR(bytes_written);
 ABUSE_COUNTER_ATTR(fenced);
-
-/* /sys/block/abuseN/abuse/<config field>: what the disk is, for anyone. */
-#define ABUSE_CONFIG_ATTR(name, fmt)					\
-static ssize_t name##_show(struct device *d,				\
-			   struct device_attribute *attr, char *buf)	\
-{									\
-	struct abuse_device *dev = dev_to_disk(d)->private_data;	\
-	u64 val;							\
-									\
-	spin_lock_irq(&dev->lock);					\
-	val = dev->config.name;						\
-	spin_unlock_irq(&dev->lock);					\
-	return sysfs_emit(buf, fmt "\n", val);				\
-}									\
-static DEVICE_ATTR_RO(name)
 
 ABUSE_CONFIG_ATTR(block_size, "%llu");
 ABUSE_CONFIG_ATTR(size, "%llu");
