@@ -2,7 +2,9 @@
 
 A worker that holds a write past the disk's timeout is fenced by the
 driver (ABUSE_F_FENCE, on by default in `abusectl create`): it is killed,
-and its request goes to another worker only once it is dead.  So a
+and its request goes to another worker only once it is dead.  Under a
+pool the liveness check usually kills it first, at half the timeout;
+either way it is dead before its request moves on.  So a
 newer write to the same block can never be overwritten by the old one.
 The first test wedges a worker inside its backend's write (or, for the
 memory backend, inside the flush of a FUA write) and checks, block by
@@ -125,8 +127,9 @@ def test_a_wedged_worker_never_lands_a_stale_write(kind: str, tmp_path: Path, rn
     tally.add("stale writes landed", stale)
     print(f"{kind}: {CASES} wedges, {fenced} fenced, {stale} stale writes landed; {counters}")
     assert stale == 0
+    # Each wedged worker died before it could store: killed by the driver's
+    # fence at the timeout, or first by the pool's liveness check at half of it.
     assert fenced == CASES
-    assert counters["fenced"] >= CASES, counters
     assert counters["errors"] == 0, counters
 
 
@@ -209,8 +212,9 @@ def test_sigstop_storm_and_resets_under_fio_verify(kind: str, tmp_path: Path, rn
     tally.add("stopped workers replaced", replaced)
     print(f"{kind}: {stops} stops, {resets} resets, {replaced} replaced; {counters}")
     assert replaced > 0
-    assert counters["fenced"] >= replaced, counters
     assert counters["errors"] == 0, counters
+    # Killed by the driver's fence or by the pool's liveness check; the pool
+    # names every worker it replaced either way.
     assert log.count("killed by SIGKILL") >= replaced, log
 
 
