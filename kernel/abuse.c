@@ -1368,6 +1368,17 @@ static int abuse_get(struct abuse_device *dev, struct abuse_worker *w,
 	return n ? 0 : ret;
 }
 
+/* Whether @rq is among the first @n of @rqs. */
+static bool abuse_in_chunk(struct request **rqs, u32 n, struct request *rq)
+{
+	u32 i;
+
+	for (i = 0; i < n; i++)
+		if (rqs[i] == rq)
+			return true;
+	return false;
+}
+
 /* Check @reply's own fields; 0 and its status in *@status, or -EINVAL. */
 static int abuse_check_reply(const struct abuse_reply *reply,
 			     blk_status_t *status)
@@ -1380,14 +1391,16 @@ static int abuse_check_reply(const struct abuse_reply *reply,
 }
 
 /*
- * Answer the @count replies of @chunk, each with its own status (see
+ * Answer the *@countp replies of @chunk (fewer if one names a request
+ * named before it: *@countp says how many), each with its own status (see
  * abuse_reply), taking dev->lock twice for all of them: once to check
  * each and end those with nothing to copy, once after copying the reads'
  * data in.  Returns how many were accepted.  May sleep (copies).
  */
 static u32 abuse_put_chunk(struct abuse_device *dev, struct abuse_worker *w,
-			   struct abuse_reply *chunk, u32 count)
+			   struct abuse_reply *chunk, u32 *countp)
 {
+	u32 count = *countp;
 	struct request *rqs[ABUSE_PUT_CHUNK];
 	blk_status_t sts[ABUSE_PUT_CHUNK];
 	bool copy[ABUSE_PUT_CHUNK];
@@ -1412,6 +1425,15 @@ static u32 abuse_put_chunk(struct abuse_device *dev, struct abuse_worker *w,
 		}
 		rq = tag < dev->config.queue_depth ? dev->rqs[tag] : NULL;
 		cmd = rq ? abuse_cmd(rq) : NULL;
+		if (rq && abuse_in_chunk(rqs, i, rq)) {
+			/*
+			 * The same request again in this chunk: answer it
+			 * after the earlier entry is done, in the next chunk,
+			 * so that entries are judged in order.
+			 */
+			count = i;
+			break;
+		}
 		if (!rq || cmd->state != ABUSE_CMD_IN_FLIGHT ||
 		    cmd->gen != upper_32_bits(chunk[i].handle)) {
 			chunk[i].status = -ESTALE;
@@ -1431,6 +1453,7 @@ static u32 abuse_put_chunk(struct abuse_device *dev, struct abuse_worker *w,
 	}
 	dev->stats.rejected += rejected;
 	abuse_unlock(dev);
+	*countp = count;
 
 	for (i = 0; i < count; i++) {
 		if (rqs[i] && !copy[i]) {
@@ -1497,7 +1520,8 @@ static int abuse_put(struct abuse_device *dev, struct abuse_worker *w,
 		if (copy_from_user(chunk, &ureply[done],
 				   count * sizeof(chunk[0])))
 			return -EFAULT;
-		x->nr_accepted += abuse_put_chunk(dev, w, chunk, count);
+		/* Takes fewer than @count if a handle repeats. */
+		x->nr_accepted += abuse_put_chunk(dev, w, chunk, &count);
 		for (i = 0; i < count; i++)
 			if (put_user(chunk[i].status,
 				     &ureply[done + i].status))
