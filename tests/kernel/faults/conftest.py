@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from abuse.control import Control, list_disks
 from tests.kernel.faults import tally
 
 HANG_SECONDS = int(os.environ.get("ABUSE_HANG_SECONDS") or 900)
@@ -62,6 +63,23 @@ def hang_guard() -> Iterator[None]:
     timer.start()
     yield
     timer.cancel()
+
+
+@pytest.fixture(autouse=True)
+def no_disk_left_behind() -> Iterator[None]:
+    """Each case removes the disks it made; one it left fails that case.
+
+    Left behind, a disk would change what the next case sees (the fuzzer
+    treats it as someone else's) and keep the module from unloading.
+    """
+    before = set(list_disks())
+    yield
+    left = sorted(set(list_disks()) - before)
+    if left:
+        with Control() as control:
+            for index in left:
+                control.destroy(index, force=True)
+        pytest.fail(f"disks left behind: {', '.join(f'abuse{i}' for i in left)}")
 
 
 @pytest.fixture

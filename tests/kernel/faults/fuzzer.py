@@ -441,6 +441,7 @@ class Fuzzer:
         raw = self._target(index, flags)
         if index in self.others and raw[4:] == bytes(20):
             raw = raw[:4] + struct.pack("<I", 2) + raw[8:]
+        flags = struct.unpack_from("<I", raw, 4)[0]  # what the driver reads
         ptr = place(rng, self.args, raw)
         if not ptr.readable:
             want = errno.EFAULT
