@@ -188,14 +188,21 @@ class Control:
         max_request_bytes: int = 0,
         timeout_ms: int = 0,
         retries: int = 0,
+        index: int | None = None,
     ) -> DiskConfig:
         """Create a disk; returns its config with the index filled in.
 
-        Raises FeatureMissing, before the kernel is asked, for a flag of
-        the header that the loaded module does not support.
+        ``index`` asks for /dev/abuse<index> (DiskExists if taken) instead
+        of the lowest free one.  Raises FeatureMissing, before the kernel
+        is asked, for a flag of the header that the loaded module does
+        not support.
         """
+        if index is not None:
+            flags |= uapi.ABUSE_F_INDEX
         self.features().require(disk_flags=flags & uapi.ABUSE_F_ALL)
         cfg = uapi.ffi.new("struct abuse_config *")
+        if index is not None:
+            cfg.index = index
         cfg.size = size
         cfg.block_size = block_size
         cfg.flags = flags

@@ -1560,6 +1560,8 @@ static int abuse_check_config(struct abuse_config *cfg)
 		return -EINVAL;
 	if (cfg->flags & ~ABUSE_F_ALL)
 		return -EINVAL;
+	if (cfg->flags & ABUSE_F_INDEX && cfg->index > ABUSE_MAX_INDEX)
+		return -EINVAL;
 	if (cfg->block_size < ABUSE_MIN_BLOCK_SIZE ||
 	    cfg->block_size > ABUSE_MAX_BLOCK_SIZE ||
 	    !is_power_of_2(cfg->block_size))
@@ -1612,6 +1614,7 @@ static int abuse_ctl_create(struct abuse_config *cfg)
 	INIT_LIST_HEAD(&dev->queue);
 	INIT_LIST_HEAD(&dev->workers);
 	dev->config = *cfg;
+	dev->config.flags &= ~ABUSE_F_INDEX;	/* how it was made, not what it is */
 
 	dev->tag_set.ops = &abuse_mq_ops;
 	dev->tag_set.nr_hw_queues = 1;
@@ -1639,11 +1642,19 @@ static int abuse_ctl_create(struct abuse_config *cfg)
 	set_capacity(disk, cfg->size >> SECTOR_SHIFT);
 
 	mutex_lock(&abuse_ctl_mutex);
-	ret = idr_alloc(&abuse_index_idr, dev, 0, 0, GFP_KERNEL);
+	if (cfg->flags & ABUSE_F_INDEX) {
+		ret = idr_alloc(&abuse_index_idr, dev, cfg->index,
+				cfg->index + 1, GFP_KERNEL);
+		if (ret == -ENOSPC)
+			ret = -EEXIST;
+	} else {
+		ret = idr_alloc(&abuse_index_idr, dev, 0, 0, GFP_KERNEL);
+	}
 	if (ret < 0)
 		goto out_unlock;
 	dev->config.index = ret;
 	cfg->index = ret;
+	cfg->flags &= ~ABUSE_F_INDEX;
 	snprintf(disk->disk_name, sizeof(disk->disk_name), "abuse%d", ret);
 
 	/*

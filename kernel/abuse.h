@@ -19,8 +19,8 @@
 
 /*
  * Bumped when a command, flag or field is added; existing ones never
- * change.  2: ABUSE_F_FENCE, ABUSE_XFER_TOKENS, abuse_version.xfer_features,
- * abuse_counters.fenced.  What a module accepts is told by the feature
+ * change.  2: ABUSE_F_FENCE, ABUSE_F_INDEX, ABUSE_XFER_TOKENS,
+ * abuse_version.xfer_features, abuse_counters.fenced.  What a module accepts is told by the feature
  * bits of ABUSE_IOC_VERSION, not by this number: test the bits.
  */
 #define ABUSE_VERSION			2
@@ -49,9 +49,16 @@
  * keeps its requests until it does.
  */
 #define ABUSE_F_FENCE			(1ULL << 5)
-#define ABUSE_F_ALL			0x3fULL
+/*
+ * CREATE only: make /dev/abuseN with N = abuse_config.index (at most
+ * ABUSE_MAX_INDEX; -EEXIST if taken) instead of the lowest free N.  Not
+ * a property of the disk: INFO never reports it, SET_INFO refuses it.
+ */
+#define ABUSE_F_INDEX			(1ULL << 6)
+#define ABUSE_F_ALL			0x7fULL
 
 /* Limits. */
+#define ABUSE_MAX_INDEX			1048575
 #define ABUSE_MIN_BLOCK_SIZE		512
 #define ABUSE_MAX_BLOCK_SIZE		4096
 #define ABUSE_DEFAULT_QUEUE_DEPTH	128

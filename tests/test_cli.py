@@ -97,9 +97,11 @@ class FakeControl:
     def list(self) -> list[int]:
         return sorted(self.disks)
 
-    def create(self, size: int, **kwargs: int) -> DiskConfig:
-        self.calls.append(("create", {"size": size, **kwargs}))
-        return disk(len(self.disks), size).config
+    def create(self, size: int, index: int | None = None, **kwargs: int) -> DiskConfig:
+        self.calls.append(("create", {"size": size, **kwargs, **({} if index is None else {"index": index})}))
+        if index in self.disks:
+            raise error_from_errno(errno.EEXIST, "create")
+        return disk(len(self.disks) if index is None else index, size).config
 
     def destroy(self, index: int, force: bool = False) -> None:
         if self.busy and not force:
@@ -752,21 +754,24 @@ def test_create_refuses_a_flag_the_module_lacks(
 # --- create --index, destroy --all, -v anywhere -------------------------------------
 
 
-def test_create_index_that_is_next(capsys: pytest.CaptureFixture[str], control: FakeControl) -> None:
-    control.disks.pop(3)
-    assert run(capsys, "create", "-s", "1G", "--index", "1") == (0, "/dev/abuse1\n", "")
-
-
-@pytest.mark.parametrize(
-    ("index", "says"),
-    [("0", "/dev/abuse0 exists"), ("7", "cannot create /dev/abuse7: the module gives the lowest free index")],
-)
-def test_create_index_refused(
-    capsys: pytest.CaptureFixture[str], control: FakeControl, index: str, says: str
+def test_create_index_asks_the_module_for_that_index(
+    capsys: pytest.CaptureFixture[str], control: FakeControl
 ) -> None:
-    code, out, err = run(capsys, "create", "-s", "1G", "-i", index)
-    assert code == 1
-    assert says in one_line(err)
+    assert run(capsys, "create", "-s", "1G", "--index", "7") == (0, "/dev/abuse7\n", "")
+    (call,) = [call for call in control.calls if call[0] == "create"]
+    assert call[1]["index"] == 7
+
+
+def test_create_index_taken(capsys: pytest.CaptureFixture[str], control: FakeControl) -> None:
+    code, out, err = run(capsys, "create", "-s", "1G", "-i", "3")
+    assert (code, out) == (1, "")
+    assert one_line(err) == "abusectl: /dev/abuse3 exists; nothing created"
+
+
+def test_create_index_above_the_limit(capsys: pytest.CaptureFixture[str], control: FakeControl) -> None:
+    code, out, err = run(capsys, "create", "-s", "1G", "-i", str(uapi.ABUSE_MAX_INDEX + 1))
+    assert (code, out) == (1, "")
+    assert "above the module's limit" in one_line(err)
     assert not [call for call in control.calls if call[0] == "create"]
 
 

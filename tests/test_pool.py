@@ -430,6 +430,7 @@ def test_liveness_off_leaves_a_stopped_worker(tmp_path: Path) -> None:
     stamps: list[float] = []
 
     def stop_it(pool: Pool) -> None:
+        wait_started(pool, notes, 1)
         wait_until(lambda: pool.ready)
         (victim,) = noted(notes)
         os.kill(victim, signal.SIGSTOP)

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import errno
 
 from abuse import uapi
 from abuse._exceptions import AbuseError
 from abuse.sizes import format_size
 from abusectl import args as types
-from abusectl.devices import disk_indexes, open_control
+from abusectl.devices import open_control
 from abusectl.service import CREATE_RETRIES, CREATE_TIMEOUT_MS
 
 _BLOCK_SIZES = (512, 1024, 2048, 4096)
@@ -22,7 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--index",
         type=types.index,
         metavar="N",
-        help="make /dev/abuseN; fails unless N is the lowest free index (the module picks that one)",
+        help=f"make /dev/abuseN, N at most {uapi.ABUSE_MAX_INDEX} (default: the lowest free N)",
     )
     parser.add_argument(
         "--block-size",
@@ -109,37 +110,23 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(
             f"size {format_size(args.size)} is not a multiple of the block size {args.block_size}"
         )
-    if args.index is not None:
-        _check_index(args.index)
+    if args.index is not None and args.index > uapi.ABUSE_MAX_INDEX:
+        raise ValueError(f"index {args.index} is above the module's limit, {uapi.ABUSE_MAX_INDEX}")
     with open_control() as control:
-        config = control.create(
-            args.size,
-            block_size=args.block_size,
-            flags=flags_of(args),
-            queue_depth=args.queue_depth,
-            max_request_bytes=args.max_request,
-            timeout_ms=round(args.timeout * 1000),
-            retries=args.retries,
-        )
-        if args.index is not None and config.index != args.index:
-            # Another create took the index between the check and ours.
-            control.destroy(config.index, force=True)
-            raise AbuseError(f"/dev/abuse{args.index} was taken meanwhile; nothing created")
+        try:
+            config = control.create(
+                args.size,
+                block_size=args.block_size,
+                flags=flags_of(args),
+                queue_depth=args.queue_depth,
+                max_request_bytes=args.max_request,
+                timeout_ms=round(args.timeout * 1000),
+                retries=args.retries,
+                index=args.index,
+            )
+        except AbuseError as err:
+            if err.errno == errno.EEXIST:
+                raise AbuseError(f"/dev/abuse{args.index} exists; nothing created", err.errno) from None
+            raise
     print(config.path)
     return 0
-
-
-def _check_index(index: int) -> None:
-    """Refuse ``--index N`` unless N is the index CREATE will pick (the lowest free one).
-
-    CREATE has no index-in field: the module always takes the lowest free
-    index, and making disks until it matches would be worse than failing.
-    """
-    taken = set(disk_indexes())
-    if index in taken:
-        raise AbuseError(f"/dev/abuse{index} exists")
-    lowest = next(n for n in range(len(taken) + 1) if n not in taken)
-    if lowest != index:
-        raise AbuseError(
-            f"cannot create /dev/abuse{index}: the module gives the lowest free index, /dev/abuse{lowest}"
-        )

@@ -11,7 +11,7 @@ from typing import Any, Callable
 
 import pytest
 
-from abuse import DiskBusy, InvalidRequest, uapi
+from abuse import AbuseError, DiskBusy, InvalidRequest, uapi
 from abuse.control import Control
 from tests.kernel.blockio import Background, direct_read, direct_write, pattern
 from tests.kernel.conftest import Disks, MiB, asleep_in_driver, run, wait_for
@@ -326,6 +326,29 @@ def test_resize_to_a_partial_block_is_refused(disks: Disks) -> None:
     config = disks.create(16 * MiB)
     with pytest.raises(InvalidRequest):
         disks.control.resize(config.index, 12345)
+
+
+def test_create_with_an_index(disks: Disks) -> None:
+    """ABUSE_F_INDEX makes /dev/abuseN for the N asked; taken or too large is refused."""
+    config = disks.create(16 * MiB, index=7)
+    assert config.index == 7 and config.path == "/dev/abuse7"
+    assert os.path.exists("/dev/abuse7")
+    assert not disks.control.info(7).config.flags & uapi.ABUSE_F_INDEX  # how it was made, not what it is
+    with pytest.raises(AbuseError) as taken:
+        disks.create(16 * MiB, index=7)
+    assert taken.value.errno == errno.EEXIST
+    with pytest.raises(InvalidRequest):
+        disks.create(16 * MiB, index=uapi.ABUSE_MAX_INDEX + 1)
+    # Without the flag the index field is ignored: the lowest free N.
+    cfg = ffi.new("struct abuse_config *", {"size": 16 * MiB, "block_size": 4096, "index": 7})
+    expect_errno(raw_errno(disks.control.fileno(), uapi.ABUSE_IOC_CREATE, cfg), 0)
+    disks.indexes.append(cfg.index)
+    assert cfg.index != 7
+    # Not a property a disk can be given later.
+    current = disks.control.info(7).config
+    cfg = ffi.new("struct abuse_config *", current.__dict__)
+    cfg.flags |= uapi.ABUSE_F_INDEX
+    expect_errno(raw_errno(disks.control.fileno(), uapi.ABUSE_IOC_SET_INFO, cfg), errno.EINVAL)
 
 
 SET_INFO_CHANGES = [

@@ -315,8 +315,10 @@ class Fuzzer:
     @staticmethod
     def _config_error(fields: tuple[int, ...]) -> int:
         """abuse_check_config(): 0 or the errno CREATE must give."""
-        _, bs, size, flags, depth, max_bytes, timeout, retries, *reserved = fields
+        index, bs, size, flags, depth, max_bytes, timeout, retries, *reserved = fields
         if any(reserved) or flags & ~uapi.ABUSE_F_ALL:
+            return errno.EINVAL
+        if flags & uapi.ABUSE_F_INDEX and index > uapi.ABUSE_MAX_INDEX:
             return errno.EINVAL
         if not 512 <= bs <= 4096 or bs & (bs - 1):
             return errno.EINVAL
@@ -340,10 +342,12 @@ class Fuzzer:
             # A valid CREATE makes a disk: keep that rare, it is slow.
             raw = raw[: CONFIG.size - 8] + struct.pack("<Q", 1 + rng.randrange(U64))
             want = errno.EINVAL
+        before = self.control.list()
+        if not want and fields[3] & uapi.ABUSE_F_INDEX and fields[0] in before:
+            want = errno.EEXIST
         ptr = place(rng, self.args, raw)
         if not ptr.readable or (not want and not ptr.writable):
             want = errno.EFAULT
-        before = self.control.list()
         self._call(self.loose.fd, CREATE, ptr.address, {want}, f"CREATE {fields}")
         if want == errno.EFAULT and not self._config_error(fields) and ptr.readable:
             assert self.control.list() == before, "CREATE that could not report its index left a disk"
