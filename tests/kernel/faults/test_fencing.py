@@ -169,7 +169,7 @@ def test_without_the_fence_a_wedged_worker_lands_a_stale_write(tmp_path: Path) -
             for pid in pids:
                 os.waitpid(pid, 0)
             backend.close()
-            subprocess.run(["python3", "-m", "abusectl", "destroy", dev, "--force"], capture_output=True)
+            abusectl("destroy", dev, "--force")
 
 
 @pytest.mark.parametrize("kind", ["memory", "file"])

@@ -31,16 +31,19 @@ def test_reset_loop_during_fio_verify(rng: random.Random) -> None:
     """
     with served_disk("128M", "memory", 2, "--no-fence") as (dev, serve), Control() as control:
         index = int(dev.removeprefix("/dev/abuse"))
-        job = start_fio_verify(dev, 45, size="64M", iodepth=32, extra=("--bsrange=4k-64k",))
         resets = 0
-        while job.poll() is None:
-            if resets % 20 == 0:
-                abusectl("reset", dev)
-            else:
-                control.reset(index)
-            resets += 1
-            time.sleep(rng.uniform(0.0, 0.1))
-        finish_fio(job)
+        # fio rounds until 30 resets have hit live I/O: a loaded guest
+        # starts `abusectl` slowly, and one round may see only a few.
+        while resets < 30:
+            job = start_fio_verify(dev, 30, size="64M", iodepth=32, extra=("--bsrange=4k-64k",))
+            while job.poll() is None:
+                if resets % 20 == 0:
+                    abusectl("reset", dev)
+                else:
+                    control.reset(index)
+                resets += 1
+                time.sleep(rng.uniform(0.0, 0.1))
+            finish_fio(job)
         counters = assert_settled(dev)
         assert counters["errors"] == 0, counters
     print(f"{resets} resets, {counters['requeued']} requests requeued, {counters['rejected']} late replies")
