@@ -89,19 +89,21 @@ def test_readme_example_backend_passes_fio_verify() -> None:
 
 def test_kill_9_workers_during_fio_verify() -> None:
     with served_disk("256M", "memory", 4, "--timeout", "5") as (dev, serve):
-        job = start_fio_verify(dev, 30, size="64M", iodepth=16)
         kills = 0
         rng = random.Random(1)
-        while job.poll() is None:
-            time.sleep(1)
-            pids = worker_pids(serve)
-            if pids:
-                os.kill(rng.choice(pids), signal.SIGKILL)
-                kills += 1
-        out = job.communicate()[0]
-        assert job.returncode == 0, out
-        assert "err= 0:" in out, out
-        assert kills >= 20
+        # fio rounds until 20 kills have hit live I/O: on a loaded host
+        # a round of 30 s may see fewer.
+        while kills < 20:
+            job = start_fio_verify(dev, 30, size="64M", iodepth=16)
+            while job.poll() is None:
+                time.sleep(1)
+                pids = worker_pids(serve)
+                if pids:
+                    os.kill(rng.choice(pids), signal.SIGKILL)
+                    kills += 1
+            out = job.communicate()[0]
+            assert job.returncode == 0, out
+            assert "err= 0:" in out, out
         wait_for(lambda: len(worker_pids(serve)) == 4)
         status = json.loads(abusectl("status", dev, "--json"))
         assert status["disks"][0]["errors"] == 0
