@@ -226,7 +226,7 @@ class Systemd:
             status = Path(f"/proc/{proc.pid}/status").read_text()
             (nspids,) = [line.split()[1:] for line in status.splitlines() if line.startswith("NSpid:")]
             if int(nspids[-1]) == pid:
-                return proc.pid
+                return int(proc.pid)
         raise AssertionError(f"no pid {pid} in the container")
 
 
@@ -256,7 +256,7 @@ def _systemd_container(*units: Path) -> Iterator[Systemd]:
         text=True,
     )
     try:
-        wait_for(lambda: _systemd_pid(container) is not None or container.poll() is not None, timeout=120)
+        wait_for(lambda: _systemd_pid(container) is not None or container.poll() is not None, timeout=300)
         pid = _systemd_pid(container)
         assert pid is not None, container.communicate()[0]
         systemd = Systemd(pid)
