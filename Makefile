@@ -72,11 +72,13 @@ endif
 # so that kernel/abuse.ko (6.1) is never touched.  The DKMS test runs on
 # 6.1 only (this tier already builds for 6.12 in the chroot and loads the
 # result), and so do the tests of the CLI and pool that reach the driver
-# only through calls the other tests make here too (unit command,
-# readiness, capabilities, privileges, liveness): their behaviour does
-# not depend on the kernel, and they would cost 6 minutes of TCG.
+# only through calls the other tests make here too (unit command, the
+# unit under systemd, readiness, capabilities, privileges, liveness):
+# their behaviour does not depend on the kernel, and they would cost
+# 6 minutes of TCG.
 OPS_612_SKIP := test_install.py::test_dkms_install_builds_and_loads_the_module \
 	test_install.py::test_unit_command_serves_the_same_disk_after_a_crash \
+	test_install.py::test_unit_serves_the_disk_when_systemctl_start_returns \
 	test_install.py::test_unit_command_refuses_a_served_disk \
 	test_install.py::test_unit_file_verifies \
 	test_operators.py::test_capabilities_set_the_created_disk_flags \

@@ -2,7 +2,10 @@
 
 The guest is a throwaway VM with a read-only root: the DKMS test gets
 tmpfs overlays (tests/kernel/dkms-guest), the udev rule goes to
-/run/udev/rules.d, and the unit's command runs without systemd.
+/run/udev/rules.d.  The unit's command runs without systemd, and the
+unit itself under a systemd that runs as PID 1 of a container in the
+guest (tests/kernel/systemd-container), since virtme-ng's init is the
+guest's PID 1.
 """
 
 from __future__ import annotations
@@ -20,14 +23,26 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import psutil
+
 from abuse import uapi
-from abuse.control import Control
+from abuse.control import Control, sysfs_workers
 from tests.kernel.conftest import Disks, run, wait_for
-from tests.kernel.serving import ABUSECTL, abusectl, stop_pool, worker_pids
+from tests.kernel.serving import (
+    ABUSECTL,
+    abusectl,
+    check_files,
+    drop_caches,
+    mounted,
+    stop_pool,
+    worker_pids,
+    write_files,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 UNIT = ROOT / "dist" / "systemd" / "abuse-serve@.service"
 RULE = ROOT / "dist" / "udev" / "59-abuse.rules"
+SYSTEMD_CONTAINER = ROOT / "tests" / "kernel" / "systemd-container"
 TRIXIE_ROOT = Path(os.environ.get("ABUSE_CACHE", "/var/cache/abuse")) / "trixie-root"
 MiB = 1 << 20
 
@@ -176,6 +191,148 @@ def test_unit_file_verifies(tmp_path: Path) -> None:
         text=True,
     )
     assert (proc.returncode, proc.stdout + proc.stderr) == (0, "")
+
+
+class Systemd:
+    """systemd as PID 1 of a container in the guest; commands run inside it."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid  # in the guest's pid namespace
+
+    def run(self, *argv: str, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+        """Run a command in the container's mount and pid namespaces."""
+        proc = subprocess.run(
+            ["nsenter", "-t", str(self.pid), "-m", "-p", "--", *argv],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            # systemctl's D-Bus calls give up after 25 s; TCG on a busy host is slower.
+            env={**os.environ, "SYSTEMD_BUS_TIMEOUT": str(int(timeout))},
+        )
+        assert not check or proc.returncode == 0, f"{argv}: {proc.stdout}{proc.stderr}"
+        return proc
+
+    def path(self, path: str) -> Path:
+        """``path`` as the container sees it (its /run and /etc are its own)."""
+        return Path(f"/proc/{self.pid}/root{path}")
+
+    def show(self, unit: str, *names: str) -> dict[str, str]:
+        out = self.run("systemctl", "show", unit, *(f"--property={n}" for n in names)).stdout
+        return dict(line.split("=", 1) for line in out.splitlines())
+
+    def guest_pid(self, pid: int) -> int:
+        """The guest's pid of the container's ``pid``."""
+        for proc in psutil.Process(self.pid).children(recursive=True):
+            status = Path(f"/proc/{proc.pid}/status").read_text()
+            (nspids,) = [line.split()[1:] for line in status.splitlines() if line.startswith("NSpid:")]
+            if int(nspids[-1]) == pid:
+                return int(proc.pid)
+        raise AssertionError(f"no pid {pid} in the container")
+
+
+def _systemd_pid(container: subprocess.Popen[str]) -> int | None:
+    """systemd's pid once the container's first process has exec'd it."""
+    try:
+        children = psutil.Process(container.pid).children()
+        return children[0].pid if children and children[0].name() == "systemd" else None
+    except psutil.NoSuchProcess:
+        return None
+
+
+def _remove_cgroup(path: Path) -> None:
+    for child in path.iterdir():
+        if child.is_dir():
+            _remove_cgroup(child)
+    path.rmdir()
+
+
+@contextmanager
+def _systemd_container(*units: Path) -> Iterator[Systemd]:
+    """tests/kernel/systemd-container with ``units``, booted; killed on the way out."""
+    container = subprocess.Popen(
+        [str(SYSTEMD_CONTAINER), *map(str, units)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        wait_for(lambda: _systemd_pid(container) is not None or container.poll() is not None, timeout=300)
+        pid = _systemd_pid(container)
+        assert pid is not None, container.communicate()[0]
+        systemd = Systemd(pid)
+        state = ""
+
+        def booted() -> bool:  # systemctl fails until systemd listens, then waits
+            nonlocal state
+            state = systemd.run("systemctl", "is-system-running", "--wait", check=False).stdout.strip()
+            return state in ("running", "degraded") or container.poll() is not None
+
+        wait_for(booted, timeout=300)
+        failed = systemd.run("systemctl", "list-units", "--failed", "--plain", "--no-legend").stdout
+        assert state == "running", f"systemd is {state!r}: {failed}"
+        yield systemd
+    finally:
+        container.kill()  # unshare --kill-child: systemd and its whole pid namespace
+        container.communicate(timeout=60)
+        cgroup = Path("/sys/fs/cgroup/abuse-systemd")
+        wait_for(lambda: not any(procs.read_text() for procs in cgroup.glob("**/cgroup.procs")), timeout=60)
+        _remove_cgroup(cgroup)
+
+
+def test_unit_serves_the_disk_when_systemctl_start_returns(tmp_path: Path) -> None:
+    """The unit under a real systemd: once `systemctl start` returns, the disk mounts.
+
+    The unit is Type=notify and the pool sends READY=1 once every worker
+    has attached, so right after `systemctl start` the disk takes mkfs
+    and a mount with no wait; `systemctl stop` ends the pool cleanly and
+    leaves the disk.  systemd runs in a container in the guest
+    (tests/kernel/systemd-container), as virtme-ng's init is PID 1.
+    """
+    workers = 3
+    unit = "abuse-serve@db.service"
+    with _systemd_container(UNIT) as systemd:
+        systemd.path("/etc/abuse").mkdir()
+        systemd.path("/etc/abuse/db.conf").write_text(f"SIZE=64M\nBACKEND=memory\nWORKERS={workers}\n")
+        systemd.run("systemctl", "start", unit)
+        dev = systemd.path("/run/abuse/db.dev").read_text().strip()
+        index = int(dev.removeprefix("/dev/abuse"))
+        try:
+            # READY=1 came once every worker had attached.
+            serving = sysfs_workers(index)
+            assert serving is not None and len(serving) == workers, serving
+            run("mkfs.ext4", "-q", dev, timeout=300)
+            with mounted(dev, tmp_path / "mnt") as mnt:
+                sums = write_files(mnt, 4, 256 << 10)
+                drop_caches()
+                check_files(mnt, sums)
+
+            show = systemd.show(unit, "ActiveState", "SubState", "MainPID", "StatusText")
+            assert (show["ActiveState"], show["SubState"]) == ("active", "running"), show
+            assert show["StatusText"] == f"serving {dev} with {workers} workers"
+            assert systemd.path("/run/abuse/db.pid").read_text().strip() == show["MainPID"]
+            pool = psutil.Process(systemd.guest_pid(int(show["MainPID"])))
+            assert sorted(serving) == sorted(p.pid for p in pool.children()), "the same workers"
+
+            systemd.run("systemctl", "stop", unit)
+            assert systemd.show(unit, "ActiveState") == {"ActiveState": "inactive"}
+            assert not pool.is_running()
+            assert sysfs_workers(index) == []
+            # The pool exited 0 on SIGTERM, its workers first: no straggler
+            # for KillMode=mixed to SIGKILL, no failure.
+            journal = ""
+
+            def logged_stop() -> bool:
+                nonlocal journal
+                journal = systemd.run("journalctl", "--no-pager", "-o", "cat", "-u", unit).stdout
+                return f"{unit}: Deactivated successfully." in journal
+
+            wait_for(logged_stop, timeout=60)
+            for bad in ("SIGKILL", "Traceback", "Main process exited", "Failed with result", "code=killed"):
+                assert bad not in journal, journal
+        finally:
+            systemd.run("systemctl", "stop", unit, check=False)
+            with Control() as control:
+                control.destroy(index, force=True)
 
 
 def _udev_test(syspath: str) -> str:
