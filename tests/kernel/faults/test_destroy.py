@@ -27,15 +27,18 @@ def test_forced_destroy_during_io_fails_it_and_ends_the_pool(rng: random.Random)
     with served_disk("128M", "memory", 2) as (dev, serve):
         job = subprocess.Popen(
             ["fio", "--name=doomed", f"--filename={dev}", "--direct=1", "--ioengine=libaio",
-             "--rw=randrw", "--bs=4k", "--iodepth=32", "--time_based", "--runtime=60"],
+             "--rw=randrw", "--bs=4k", "--iodepth=32", "--time_based", "--runtime=3600"],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
         )  # fmt: skip
         # Destroy at a random point of the I/O, once fio has really started
-        # (an event, not a time: a loaded guest may take seconds to start it).
+        # (an event, not a time: a loaded guest may take seconds to start
+        # it).  fio runs until the destroy stops it: a guest on a loaded
+        # host once served fewer requests in fio's old 60 s than the point
+        # chosen, and the destroy came after the I/O.
         done = rng.randint(200, 5000)
-        wait_for(lambda: sysfs_counters(dev)["completed"] >= done or job.poll() is not None, timeout=300)
+        wait_for(lambda: sysfs_counters(dev)["completed"] >= done or job.poll() is not None, timeout=1800)
         abusectl("destroy", dev, "--force")
         out = job.communicate(timeout=120)[0]
         # Requests the driver held fail with EIO; a write submitted after
