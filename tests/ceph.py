@@ -95,7 +95,7 @@ def start_cluster(config: pytest.Config) -> Iterator[Cluster]:
         pytest.skip(problem)
     base = Path(tempfile.mkdtemp(prefix="abuse-ceph-"))
     directory = base / "cluster"
-    env = {**os.environ, "CEPH_PORT": str(_free_port()), "CEPH_MGR": "0"}
+    env = {**os.environ, "CEPH_PORT": str(_free_port()), "CEPH_MGR": "0", "CEPH_CLUSTER_VERBOSE": "1"}
     began = time.monotonic()
     try:
         done = subprocess.run(
@@ -104,7 +104,7 @@ def start_cluster(config: pytest.Config) -> Iterator[Cluster]:
         if done.returncode != 0:
             pytest.fail(f"ceph-cluster start: {done.stderr.strip()}")
         cluster = Cluster(directory, time.monotonic() - began)
-        print(f"ceph cluster up in {cluster.started_in:.1f} s")
+        print(f"ceph cluster up in {cluster.started_in:.1f} s:\n{done.stderr.strip()}")
         yield cluster
     finally:
         subprocess.run([str(SCRIPT), "stop", str(directory)], check=False)

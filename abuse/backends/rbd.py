@@ -6,10 +6,14 @@ The spec's options follow ``file:``'s shape::
 
 ``conf`` is the cluster's ceph.conf (default: librados's search path),
 ``id`` the client name without ``client.`` (default ``admin``),
-``keyring`` overrides the conf's keyring, ``timeout`` (seconds, default
-30) bounds connecting (client_mount_timeout) and every operation
-(rados_osd_op_timeout, rados_mon_op_timeout), so a cluster that goes
-away fails requests with ETIMEDOUT instead of holding them for ever.
+``keyring`` overrides the conf's keyring, ``timeout`` (whole seconds,
+default 10) bounds connecting (client_mount_timeout) and every operation
+(rados_osd_op_timeout, rados_mon_op_timeout): a request whose operation
+times out (the cluster went away) fails with EIO.  Keep it below half
+the disk's ``--timeout`` (30 s by default), when the pool's liveness
+check kills a silent worker: a killed worker's requests are requeued,
+and a cluster that stays away would then hold them for ever instead of
+failing them.
 
 librados runs threads, which do not survive a fork: the supervisor
 connects only to check the image (it exists, it is large enough, its
@@ -38,6 +42,7 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -46,6 +51,8 @@ from urllib.parse import unquote
 from abuse.backends.base import Backend
 
 __all__ = ["FENCE_EXPIRE", "RbdBackend", "RbdTarget", "split_rbd_argument"]
+
+log = logging.getLogger(__name__)
 
 _OPTIONS = ("conf", "id", "keyring", "timeout")
 #: Seconds a fenced worker's client stays blocklisted: long after its
@@ -64,7 +71,7 @@ class RbdTarget:
     conf: str | None = None
     client_id: str = "admin"
     keyring: str | None = None
-    timeout: int = 30
+    timeout: int = 10
 
     @property
     def name(self) -> str:
@@ -86,7 +93,7 @@ def split_rbd_argument(argument: str) -> RbdTarget:
         if key not in _OPTIONS or not equals or not value:
             raise ValueError(f"unknown option {option!r} (rbd:POOL/IMAGE?{'=...&'.join(_OPTIONS)}=...)")
         options[key] = unquote(value)
-    timeout = 30
+    timeout = 10
     if "timeout" in options:
         value = options["timeout"]
         if not value.isdigit() or not 0 < int(value) < 1_000_000:
@@ -118,6 +125,15 @@ def _errno(err: Exception) -> int:
     """The positive errno of a rados or rbd exception, EIO if it has none."""
     code = getattr(err, "errno", None)
     return abs(code) if isinstance(code, int) and code else errno.EIO
+
+
+def _failed(what: str, err: Exception) -> OSError:
+    """The OSError a request answers for a failed librbd call: a timeout is EIO."""
+    code = _errno(err)
+    if code == errno.ETIMEDOUT:
+        log.warning("%s timed out: is the cluster reachable?", what)
+        code = errno.EIO
+    return OSError(code, f"{what}: {err}")
 
 
 class _Session:
@@ -280,35 +296,35 @@ class RbdBackend(Backend):
         try:
             buf[:] = image.read(offset, len(buf))
         except Exception as err:
-            raise OSError(_errno(err), f"rbd read at {offset}: {err}") from None
+            raise _failed(f"rbd read at {offset}", err) from None
 
     def write(self, offset: int, data: memoryview) -> None:
         image = self._image()
         try:
             image.write(bytes(data), offset)
         except Exception as err:
-            raise OSError(_errno(err), f"rbd write at {offset}: {err}") from None
+            raise _failed(f"rbd write at {offset}", err) from None
 
     def flush(self) -> None:
         image = self._image()
         try:
             image.flush()
         except Exception as err:
-            raise OSError(_errno(err), f"rbd flush: {err}") from None
+            raise _failed("rbd flush", err) from None
 
     def discard(self, offset: int, length: int) -> None:
         image = self._image()
         try:
             image.discard(offset, length)
         except Exception as err:
-            raise OSError(_errno(err), f"rbd discard at {offset}: {err}") from None
+            raise _failed(f"rbd discard at {offset}", err) from None
 
     def write_zeroes(self, offset: int, length: int) -> None:
         image = self._image()
         try:
             image.write_zeroes(offset, length)
         except Exception as err:
-            raise OSError(_errno(err), f"rbd write zeroes at {offset}: {err}") from None
+            raise _failed(f"rbd write zeroes at {offset}", err) from None
 
     def close(self) -> None:
         self.close_worker()
