@@ -45,7 +45,8 @@ not judged.
 Fencing by the store: a backend whose :meth:`~abuse.Backend.open_worker`
 returns an identity for the worker (``rbd:``, its RADOS client address)
 has it sent with the ready message; before the liveness check kills
-that worker, the supervisor calls ``backend.fence(identity)`` (for
+that worker, the supervisor stops it (SIGSTOP, so that it cannot answer
+the failures the fence causes) and calls ``backend.fence(identity)`` (for
 ``rbd:``, an OSD blocklist entry), so that nothing of the old worker's
 still on its way to the store can land after its requests go to another
 worker.
@@ -323,6 +324,22 @@ def _serve_attached(
             worker.serve(should_stop=should_stop, idle_ms=idle_ms, on_alive=_alive_hook())
         finally:
             worker.close()
+
+
+def _wait_stopped(pid: int, timeout: float = 5.0) -> bool:
+    """Wait until ``pid`` is stopped (or gone); False if it is still running at the timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as stat:
+                state = stat.read().rpartition(b")")[2].split()[0]
+        except (OSError, IndexError):
+            return True
+        if state in (b"T", b"t", b"Z", b"X"):
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.001)
 
 
 def _describe(code: int | None) -> str:
@@ -618,9 +635,20 @@ class Pool:
         return next_check
 
     def _fence(self, slot: _Slot) -> None:
-        """Have the backend's store refuse the slot's child before it is killed."""
+        """Have the backend's store refuse the slot's child before it is killed.
+
+        The child is stopped first (SIGSTOP, and waited for): once the
+        store refuses its client, an operation it was waiting on fails at
+        once, and a running worker would answer that failure to the
+        kernel; a stopped one answers nothing before SIGKILL.
+        """
         if not slot.identity:
             return
+        try:
+            os.kill(slot.pid, signal.SIGSTOP)
+        except ProcessLookupError:
+            return  # already dead: nothing of it can be answered
+        _wait_stopped(slot.pid)
         try:
             self.backend.fence(slot.identity)
         except Exception as err:  # the kill still stops the process; say the store may not know

@@ -55,7 +55,10 @@ class DelayedRbd(Backend):
     def __init__(self, size: int) -> None:
         self.size = size
         self._proxy: subprocess.Popen[bytes] | None = None
-        open_backend(_config()["spec"], size).close()  # checks the image now, as rbd: does
+        self._rbd = open_backend(_config()["spec"], size)  # checks the image now, as rbd: does
+
+    def fence(self, identity: str) -> None:
+        self._rbd.fence(identity)  # the identity is the proxy's RADOS client
 
     def open_worker(self) -> str:
         self._proxy = subprocess.Popen(

@@ -179,7 +179,6 @@ def test_pool_fences_a_silent_worker_before_killing_it(cluster: Cluster, tmp_pat
         from tests.delayed_rbd import DelayedRbd
 
         backend = DelayedRbd(8 * MiB)
-        backend.fence = open_backend(spec, 8 * MiB).fence  # type: ignore[method-assign]
         pool = Pool(0, backend, workers=1, target=_stalling_target, alive_timeout=2.0)
 
         def until_killed(pool: Pool) -> None:

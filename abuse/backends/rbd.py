@@ -133,6 +133,8 @@ def _failed(what: str, err: Exception) -> OSError:
     if code == errno.ETIMEDOUT:
         log.warning("%s timed out: is the cluster reachable?", what)
         code = errno.EIO
+    else:
+        log.warning("%s failed: %s", what, err)
     return OSError(code, f"{what}: {err}")
 
 
