@@ -15,6 +15,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 
 from abuse.backends import Backend, check_spec, open_backend
@@ -170,24 +171,30 @@ def _stalling_target(index: int, backend: Backend, batch: int) -> None:
     signal.pause()
 
 
-def test_pool_fences_a_silent_worker_before_killing_it(cluster: Cluster, tmp_path: Path) -> None:
-    """The pool's liveness kill blocklists the worker's client first: its late write is refused."""
-    image = cluster.create_image("pool", "8M")
+@pytest.mark.parametrize("fenced", [True, False], ids=["fenced", "control-unfenced"])
+def test_pool_fences_a_silent_worker_before_killing_it(
+    cluster: Cluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fenced: bool
+) -> None:
+    """The pool's liveness kill blocklists the worker's client first: its late write is refused.
+
+    The control case, with a backend that does not fence, shows the
+    check can fail: the late write lands over the newer data.
+    """
+    image = cluster.create_image(f"pool-{fenced}", "8M")
     spec = cluster.spec(image)
-    os.environ["ABUSE_DELAYED_RBD"] = json.dumps({"spec": spec, "wedge": 0, "dir": str(tmp_path)})
-    try:
-        from tests.delayed_rbd import DelayedRbd
+    monkeypatch.setenv("ABUSE_DELAYED_RBD", json.dumps({"spec": spec, "wedge": 0, "dir": str(tmp_path)}))
+    from tests.delayed_rbd import DelayedRbd
 
-        backend = DelayedRbd(8 * MiB)
-        pool = Pool(0, backend, workers=1, target=_stalling_target, alive_timeout=2.0)
+    backend = DelayedRbd(8 * MiB)
+    if not fenced:
+        monkeypatch.setattr(backend, "fence", lambda identity: None)
+    pool = Pool(0, backend, workers=1, target=_stalling_target, alive_timeout=2.0)
 
-        def until_killed(pool: Pool) -> None:
-            if pool.hung_kills:
-                pool.stop()
+    def until_killed(pool: Pool) -> None:
+        if pool.hung_kills:
+            pool.stop()
 
-        assert pool.run(on_tick=until_killed, tick=0.1) == 0
-    finally:
-        del os.environ["ABUSE_DELAYED_RBD"]
+    assert pool.run(on_tick=until_killed, tick=0.1) == 0
     assert pool.hung_kills == 1
     held_by = int((tmp_path / "held").read_text())
     with open_backend(spec, 8 * MiB) as newer:
@@ -197,11 +204,21 @@ def test_pool_fences_a_silent_worker_before_killing_it(cluster: Cluster, tmp_pat
         while not (tmp_path / "result").exists():  # the proxy writes it once the write is refused or done
             assert time.monotonic() < deadline, "the held write never finished"
             time.sleep(0.05)
-        assert int((tmp_path / "result").read_text()) == errno.ESHUTDOWN
         buf = bytearray(4096)
         newer.read(0, memoryview(buf))
-        assert buf == b"N" * 4096
+    result = int((tmp_path / "result").read_text())
+    if fenced:
+        assert (result, bytes(buf)) == (errno.ESHUTDOWN, b"N" * 4096)  # refused: EBLOCKLISTED
+    else:
+        assert (result, bytes(buf)) == (0, b"S" * 4096)  # the stale write landed
+    while _running(held_by):  # the proxy leaves once its worker's pipe is gone
+        assert time.monotonic() < deadline, "the proxy did not exit"
+        time.sleep(0.05)
+
+
+def _running(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie that init has not reaped yet does not)."""
     try:
-        os.waitpid(held_by, 0)
-    except ChildProcessError:
-        pass
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False

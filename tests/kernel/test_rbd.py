@@ -182,7 +182,7 @@ def test_wedged_worker_is_blocklisted_and_its_late_write_refused(
         assert buf == newer
     blocklist = cluster.blocklist()
     assert any(line.split()[0] in log for line in blocklist.splitlines() if line.strip()), blocklist
-    wait_for(lambda: not psutil.pid_exists(held_by), timeout=60)
+    wait_for(lambda: not _running(held_by), timeout=60)
 
 
 def _serve_fails(*args: str) -> str:
@@ -232,3 +232,11 @@ def test_cluster_gone_fails_requests_with_eio(cluster: Cluster) -> None:
         finally:
             os.kill(osd, signal.SIGCONT)
         assert direct_read(dev, 0, 4096) == pattern(3, 4096)
+
+
+def _running(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie that init has not reaped yet does not)."""
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
