@@ -104,7 +104,7 @@ def start_cluster(config: pytest.Config) -> Iterator[Cluster]:
         if done.returncode != 0:
             pytest.fail(f"ceph-cluster start: {done.stderr.strip()}")
         cluster = Cluster(directory, time.monotonic() - began)
-        print(f"ceph cluster up in {cluster.started_in:.1f} s:\n{done.stderr.strip()}")
+        print(f"ceph cluster up in {cluster.started_in:.1f} s:\n{done.stderr.strip()}", flush=True)
         yield cluster
     finally:
         subprocess.run([str(SCRIPT), "stop", str(directory)], check=False)

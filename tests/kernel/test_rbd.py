@@ -32,8 +32,9 @@ from tests.kernel.serving import ABUSECTL, abusectl, drop_caches, mounted, serve
 
 MiB = 1 << 20
 ROOT = Path(__file__).resolve().parents[2]
-# The data test's files; the guest moves a few MB/s through Ceph under TCG.
-FILES_MIB = int(os.environ.get("ABUSE_RBD_FILES_MIB", "200"))
+# The data test's files, each way: the guest moves 1-3 MB/s through Ceph
+# under TCG, so the default is small; ABUSE_RBD_FILES_MIB=200 for the full case.
+FILES_MIB = int(os.environ.get("ABUSE_RBD_FILES_MIB", "64"))
 FILE_MIB = 4
 CAPS = ("--flush", "--discard", "--write-zeroes")
 # Under TCG on a busy host one Ceph operation has taken over 10 s: the
@@ -51,7 +52,7 @@ def _served(
         try:
             yield dev, serve
         except BaseException:
-            print(f"pool of {dev}:\n{stop_pool(serve)}")
+            print(f"pool of {dev}:\n{stop_pool(serve)}", flush=True)
             raise
 
 
@@ -59,7 +60,7 @@ def _served(
 def cluster(request: pytest.FixtureRequest) -> Iterator[Cluster]:
     began = time.monotonic()
     yield from start_cluster(request.config)
-    print(f"ceph tests: {time.monotonic() - began:.0f} s with the cluster")
+    print(f"ceph tests: {time.monotonic() - began:.0f} s with the cluster", flush=True)
 
 
 def _write_files(root: Path, prefix: str, mib: int) -> dict[str, str]:
@@ -141,7 +142,7 @@ def test_fio_verify_while_workers_are_killed(cluster: Cluster) -> None:
         finish_fio(job)
         status = json.loads(abusectl("status", dev, "--json"))["disks"][0]
         assert status["errors"] == 0, status
-    print(f"rbd kill storm: {killed} kills, {status['requeued']} requests requeued")
+    print(f"rbd kill storm: {killed} kills, {status['requeued']} requests requeued", flush=True)
     assert killed >= 20
 
 
@@ -228,7 +229,7 @@ def test_cluster_gone_fails_requests_with_eio(cluster: Cluster) -> None:
             with pytest.raises(OSError) as failed:
                 direct_read(dev, MiB, 4096)
             assert failed.value.errno == errno.EIO
-            print(f"a read with the OSD stopped failed after {time.monotonic() - began:.1f} s")
+            print(f"a read with the OSD stopped failed after {time.monotonic() - began:.1f} s", flush=True)
         finally:
             os.kill(osd, signal.SIGCONT)
         assert direct_read(dev, 0, 4096) == pattern(3, 4096)
