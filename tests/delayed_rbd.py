@@ -104,7 +104,8 @@ def _hold(directory: Path, offset: int, wedge: int) -> bool:
         os.close(os.open(directory / "claimed", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
     except FileExistsError:
         return False
-    (directory / "held").write_text(f"{os.getpid()}\n")
+    (directory / "held.tmp").write_text(f"{os.getpid()}\n")
+    (directory / "held.tmp").rename(directory / "held")  # the test reads it as soon as it exists
     while not (directory / "release").exists():
         time.sleep(0.05)
     return True
@@ -143,7 +144,8 @@ def _proxy(size: int) -> None:
         except OSError as err:
             code = err.errno or errno.EIO
         if held:
-            (directory / "result").write_text(f"{code}\n")
+            (directory / "result.tmp").write_text(f"{code}\n")
+            (directory / "result.tmp").rename(directory / "result")
         try:
             out.write(_ANSWER.pack(code, len(answer)) + answer)
             out.flush()
