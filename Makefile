@@ -133,6 +133,8 @@ install-files:
 	install -D -m 0644 dist/udev/59-abuse.rules $(DESTDIR)$(UDEVDIR)/59-abuse.rules
 	install -D -m 0644 dist/systemd/abuse-serve@.service $(DESTDIR)$(UNITDIR)/abuse-serve@.service
 	install -D -m 0644 dist/abuse.conf.example $(DESTDIR)/etc/abuse/NAME.conf.example
+	install -D -m 0644 dist/abuse-rbd.conf.example $(DESTDIR)/etc/abuse/NAME-rbd.conf.example
+	install -D -m 0644 dist/systemd/abuse-serve-ceph.conf $(DESTDIR)/usr/share/abuse/abuse-serve-ceph.conf
 	if [ -z "$(DESTDIR)" ]; then \
 		udevadm control --reload 2>/dev/null || true; \
 		systemctl daemon-reload 2>/dev/null || true; \

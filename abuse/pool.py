@@ -41,6 +41,15 @@ SIGKILLed and respawned like any dead child; a SIGSTOPped or wedged
 worker is found so.  Its idle wait is then at most an eighth of the
 disk's timeout.  A child that has not attached yet holds nothing and is
 not judged.
+
+Fencing by the store: a backend whose :meth:`~abuse.Backend.open_worker`
+returns an identity for the worker (``rbd:``, its RADOS client address)
+has it sent with the ready message; before the liveness check kills
+that worker, the supervisor stops it (SIGSTOP, so that it cannot answer
+the failures the fence causes) and calls ``backend.fence(identity)`` (for
+``rbd:``, an OSD blocklist entry), so that nothing of the old worker's
+still on its way to the store can land after its requests go to another
+worker.
 """
 
 from __future__ import annotations
@@ -98,7 +107,8 @@ _KILL_WAIT = 5.0  # how long to wait for SIGKILLed children to be reaped
 
 Target = Callable[[int, Backend, int], None]
 
-_READY = struct.Struct("=ii")  # slot, pid: one atomic pipe write per attach
+_READY = struct.Struct("=iiH")  # slot, pid, identity length; then the identity: one atomic pipe write
+_IDENTITY_MAX = 1024
 _IDLE_MS = 200  # a worker's longest idle wait when the disk has no timeout
 
 
@@ -124,13 +134,20 @@ def worker_alive() -> None:
         link.stamps[link.number] = coarse_seconds()
 
 
-def worker_ready() -> None:
-    """Tell the supervisor that this child has attached (no-op outside a pool's child)."""
+def worker_ready(identity: str | None = None) -> None:
+    """Tell the supervisor that this child has attached (no-op outside a pool's child).
+
+    ``identity`` is what the backend's ``open_worker`` returned, for the
+    supervisor's ``backend.fence``.
+    """
     link = _link
     if link is None or link.ready_w < 0:
         return
     link.stamps[link.number] = time.monotonic()
-    os.write(link.ready_w, _READY.pack(link.number, os.getpid()))
+    name = (identity or "").encode()
+    if len(name) > _IDENTITY_MAX:
+        raise ValueError(f"a worker's identity takes at most {_IDENTITY_MAX} bytes, not {len(name)}")
+    os.write(link.ready_w, _READY.pack(link.number, os.getpid(), len(name)) + name)
     os.close(link.ready_w)
     link.ready_w = -1
 
@@ -190,6 +207,7 @@ class _Slot:
     ready: bool = False  # the current child has attached
     hung_kills: int = 0
     killed_hung: bool = False  # the current child was killed for its stamp
+    identity: str = ""  # the current child's, from its ready message ("" none)
 
 
 def _harden(mlock_flags: int = _MCL_CURRENT | _MCL_FUTURE | _MCL_ONFAULT) -> list[str]:
@@ -280,6 +298,19 @@ def serve_worker(index: int, backend: Backend, batch: int = DEFAULT_BATCH) -> No
 
     signal.signal(signal.SIGTERM, on_sigterm)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    identity = backend.open_worker()
+    try:
+        _serve_attached(index, backend, batch, identity, lambda: stopping)
+    finally:
+        backend.close_worker()
+    log.debug(
+        "worker for abuse%d (pid %d) stops: %s", index, os.getpid(), "asked" if stopping else "disk gone"
+    )
+
+
+def _serve_attached(
+    index: int, backend: Backend, batch: int, identity: str | None, should_stop: Callable[[], bool]
+) -> None:
     with Control() as control:
         worker = Worker(control, index, backend, batch)
         try:
@@ -289,13 +320,26 @@ def serve_worker(index: int, backend: Backend, batch: int = DEFAULT_BATCH) -> No
                 link.credentials.apply()  # attached as root; serve as the user
             if link is not None and link.alive_timeout > 0:
                 idle_ms = min(idle_ms, max(1, int(link.alive_timeout * 1000 / 4)))
-            worker_ready()
-            worker.serve(should_stop=lambda: stopping, idle_ms=idle_ms, on_alive=_alive_hook())
+            worker_ready(identity)
+            worker.serve(should_stop=should_stop, idle_ms=idle_ms, on_alive=_alive_hook())
         finally:
             worker.close()
-    log.debug(
-        "worker for abuse%d (pid %d) stops: %s", index, os.getpid(), "asked" if stopping else "disk gone"
-    )
+
+
+def _wait_stopped(pid: int, timeout: float = 5.0) -> bool:
+    """Wait until ``pid`` is stopped (or gone); False if it is still running at the timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as stat:
+                state = stat.read().rpartition(b")")[2].split()[0]
+        except (OSError, IndexError):
+            return True
+        if state in (b"T", b"t", b"Z", b"X"):
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.001)
 
 
 def _describe(code: int | None) -> str:
@@ -535,11 +579,16 @@ class Pool:
             data = os.read(self._ready_r, _READY.size * 256)
         except BlockingIOError:
             return
-        for number, pid in _READY.iter_unpack(data[: len(data) - len(data) % _READY.size]):
+        at = 0
+        while at + _READY.size <= len(data):
+            number, pid, length = _READY.unpack_from(data, at)
+            identity = data[at + _READY.size : at + _READY.size + length].decode(errors="replace")
+            at += _READY.size + length
             slot = self._slots[number] if 0 <= number < len(self._slots) else None
             if slot is not None and slot.proc is not None and slot.pid == pid:
                 slot.ready = True
-                log.debug("worker %d (pid %d) attached", number, pid)
+                slot.identity = identity
+                log.debug("worker %d (pid %d) attached%s", number, pid, f" as {identity}" if identity else "")
         if not self._was_ready and self.ready:
             self._was_ready = True
             log.info("abuse%d: all %d workers attached", self.index, self.workers)
@@ -575,6 +624,7 @@ class Pool:
             if age < limit:
                 next_check = min(next_check, stamp + limit)
                 continue
+            self._fence(slot)
             try:
                 os.kill(slot.pid, signal.SIGKILL)
             except ProcessLookupError:
@@ -583,6 +633,28 @@ class Pool:
             slot.hung_kills += 1
             log.warning("worker %d (pid %d) stopped answering for %.1f s; killed", slot.number, slot.pid, age)
         return next_check
+
+    def _fence(self, slot: _Slot) -> None:
+        """Have the backend's store refuse the slot's child before it is killed.
+
+        The child is stopped first (SIGSTOP, and waited for): once the
+        store refuses its client, an operation it was waiting on fails at
+        once, and a running worker would answer that failure to the
+        kernel; a stopped one answers nothing before SIGKILL.
+        """
+        if not slot.identity:
+            return
+        try:
+            os.kill(slot.pid, signal.SIGSTOP)
+        except ProcessLookupError:
+            return  # already dead: nothing of it can be answered
+        _wait_stopped(slot.pid)
+        try:
+            self.backend.fence(slot.identity)
+        except Exception as err:  # the kill still stops the process; say the store may not know
+            log.error("worker %d (pid %d): fencing %s failed: %s", slot.number, slot.pid, slot.identity, err)
+            return
+        log.warning("worker %d (pid %d): fenced %s in the store", slot.number, slot.pid, slot.identity)
 
     def _reap(self) -> None:
         """Collect every child that has exited, by its own pid only.
@@ -606,6 +678,7 @@ class Pool:
         lived = now - slot.started
         slot.proc = None
         slot.ready = False
+        slot.identity = ""
         killed_hung, slot.killed_hung = slot.killed_hung, False
         if self._stop_requests or self._result is not None:
             log.debug("worker %d (pid %d) %s while stopping", slot.number, slot.pid, _describe(code))
@@ -761,6 +834,7 @@ class Pool:
         for slot in self._slots:
             slot.proc = None
             slot.ready = False
+            slot.identity = ""
 
     # --- hardening and signals -----------------------------------------------
 

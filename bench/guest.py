@@ -7,13 +7,17 @@ of the server processes) go to OUT/raw.json; ``bench.report`` turns
 them into tables and charts on the host.
 
     python -m bench.guest --out DIR [--runtime S] [--size BYTES] [--only NAMES]
-                          [--groups scaling,batching,slow]
+                          [--groups scaling,batching,slow,ceph]
 
 Besides the main targets, three groups of runs: ``scaling`` (memory
 disks with 1, 2 and 4 workers, and loop, by queue depth and on the
 worker-scaling jobs), ``batching`` (one worker, by requests per GET) and
 ``slow`` (a backend that sleeps 5 ms per request, bench/slow_backend.py,
-with 1, 4 and 16 workers at QD32).
+with 1, 4 and 16 workers at QD32).  ``ceph``, only when asked for (its
+cluster takes minutes to start under TCG): one single-node cluster
+(scripts/ceph-cluster), one 256 MiB image per target, written once, then
+abuse ``rbd:`` with 1 and 4 workers, rbd-nbd and krbd on the same jobs,
+reported as ratios to krbd.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from abuse.control import Control
 from bench.jobs import (
     BATCH_JOBS,
     BATCH_SIZES,
+    CEPH_JOBS,
     JOBS,
     SCALE_JOBS,
     SCALE_QUEUE_DEPTHS,
@@ -51,7 +56,10 @@ ROOT = Path(__file__).resolve().parents[1]
 TMPFS = Path("/tmp/bench-tmpfs")
 PYTHON = sys.executable
 SLOW_BACKEND = f"python:{ROOT / 'bench' / 'slow_backend.py'}:SlowBackend"
-GROUPS = ("scaling", "batching", "slow")
+GROUPS = ("scaling", "batching", "slow", "ceph")
+DEFAULT_GROUPS = ("scaling", "batching", "slow")
+CEPH_DIR = Path("/tmp/bench-ceph")
+CEPH_SIZE = 256 << 20
 
 
 @dataclass
@@ -220,6 +228,67 @@ def _busy_cpu() -> float:
     return float(sum(times) - times.idle - getattr(times, "iowait", 0.0))
 
 
+@contextlib.contextmanager
+def ceph_cluster() -> Iterator[Path]:
+    """A single-node cluster for the ceph group; its ceph.conf."""
+    env = {**os.environ, "CEPH_MGR": "0"}
+    start = time.monotonic()
+    run([str(ROOT / "scripts" / "ceph-cluster"), "start", str(CEPH_DIR)], env=env)
+    print(f"bench: ceph cluster up in {time.monotonic() - start:.0f} s", flush=True)
+    try:
+        yield CEPH_DIR / "ceph.conf"
+    finally:
+        run([str(ROOT / "scripts" / "ceph-cluster"), "stop", str(CEPH_DIR)])
+
+
+@contextlib.contextmanager
+def rbd_image(conf: Path, name: str) -> Iterator[str]:
+    """A fresh layering-only image of CEPH_SIZE; removed afterwards."""
+    run(["rbd", "-c", str(conf), "create", "--size", f"{CEPH_SIZE}B", "--image-feature", "layering", name])
+    try:
+        yield name
+    finally:
+        run(["rbd", "-c", str(conf), "rm", "--no-progress", name])
+
+
+@contextlib.contextmanager
+def abuse_rbd_disk(conf: Path, workers: int, batch: int) -> Iterator[Device]:
+    with rbd_image(conf, f"rbd/abuse-{workers}w") as name:
+        with abuse_disk(CEPH_SIZE, f"rbd:{name}?conf={conf}", workers, batch) as device:
+            yield device
+
+
+@contextlib.contextmanager
+def krbd_disk(conf: Path) -> Iterator[Device]:
+    with rbd_image(conf, "rbd/krbd") as name:
+        path = run(["rbd", "-c", str(conf), "map", name]).strip()
+        try:
+            yield Device(path, [])
+        finally:
+            run(["rbd", "-c", str(conf), "unmap", path])
+
+
+@contextlib.contextmanager
+def rbd_nbd_disk(conf: Path) -> Iterator[Device]:
+    with rbd_image(conf, "rbd/nbd") as name:
+        path = run(["rbd-nbd", "-c", str(conf), "map", name]).strip()
+        try:
+            server = [p for p in psutil.process_iter(["name"]) if p.info["name"] == "rbd-nbd"]
+            yield Device(path, server)
+        finally:
+            run(["rbd-nbd", "unmap", path])
+
+
+def ceph_targets(conf: Path, batch: int) -> dict[str, Any]:
+    """The ceph group's targets, krbd (the reference) first."""
+    return {
+        "ceph-krbd": lambda: krbd_disk(conf),
+        "ceph-rbd-nbd": lambda: rbd_nbd_disk(conf),
+        "ceph-abuse-1w": lambda: abuse_rbd_disk(conf, 1, batch),
+        "ceph-abuse-4w": lambda: abuse_rbd_disk(conf, 4, batch),
+    }
+
+
 def targets(size: int, batch: int) -> dict[str, Any]:
     """Every target of the main table, by name, as a context-manager factory."""
     plugin = str(ROOT / "bench" / "nbdkit_memory.py")
@@ -244,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-scaling", action="store_true", help="skip every group (--groups '')")
     parser.add_argument(
         "--groups",
-        default=",".join(GROUPS),
+        default=",".join(DEFAULT_GROUPS),
         help=f"comma-separated groups to run after the targets: {GROUPS}",
     )
     parser.add_argument("--profile", action="store_true", help="only profile one worker, per job")
@@ -298,6 +367,10 @@ def main(argv: list[str] | None = None) -> int:
             for workers in SLOW_WORKERS:
                 factory = lambda w=workers: abuse_disk(args.size, SLOW_BACKEND, w, args.batch)  # noqa: E731
                 failed += _measure(result, f"slow-{workers}w", factory, [SLOW_JOB], args.runtime, False)
+        if "ceph" in groups:
+            with ceph_cluster() as conf:
+                for name, factory in ceph_targets(conf, args.batch).items():
+                    failed += _measure(result, name, factory, CEPH_JOBS, args.runtime, fill)
     finally:
         result["guest_loadavg_after"] = os.getloadavg()
         (args.out / "raw.json").write_text(json.dumps(result, indent=1))

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 __all__ = [
     "BATCH_JOBS",
     "BATCH_SIZES",
+    "CEPH_JOBS",
     "JOBS",
     "SCALE_JOBS",
     "SCALE_QUEUE_DEPTHS",
@@ -76,3 +77,14 @@ SCALE_JOBS = [scale_job(qd) for qd in SCALE_QUEUE_DEPTHS] + [
 SLOW_DELAY_S = 0.005
 SLOW_WORKERS = (1, 4, 16)
 SLOW_JOB = Job("randread-4k-qd32", "randread", "4k", 32)
+
+# The ceph group: abuse rbd: with 1 and 4 workers, rbd-nbd and krbd on
+# one single-node cluster (memstore OSD), each judged against krbd.
+CEPH_JOBS = [
+    Job("randread-4k-qd1", "randread", "4k", 1),
+    Job("randwrite-4k-qd1", "randwrite", "4k", 1),
+    Job("randread-4k-qd32", "randread", "4k", 32),
+    Job("randwrite-4k-qd32", "randwrite", "4k", 32),
+    Job("seqwrite-1M-qd4", "write", "1M", 4),
+    Job("seqread-1M-qd4", "read", "1M", 4),
+]

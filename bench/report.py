@@ -146,7 +146,48 @@ def rows_from_raw(raw: dict[str, Any]) -> list[Row]:
 
 
 def _main_rows(rows: list[Row]) -> list[Row]:
-    return [row for row in rows if not row.target.startswith(("scale-", "batch-", "slow-"))]
+    return [row for row in rows if not row.target.startswith(("scale-", "batch-", "slow-", "ceph-"))]
+
+
+KRBD = "ceph-krbd"
+
+
+def ceph(rows: list[Row]) -> list[dict[str, Any]]:
+    """The ceph group, per job: each target's figure and its ratio to krbd."""
+    group = [row for row in rows if row.target.startswith("ceph-")]
+    out = []
+    for job in dict.fromkeys(row.job for row in group):
+        base = _figure(group, KRBD, (job,))
+        entry: dict[str, Any] = {"job": job, "unit": "MB/s" if not job.startswith("rand") else "IOPS"}
+        entry["targets"] = {
+            target: {
+                "value": _figure(group, target, (job,)),
+                "vs_krbd": _ratio(_figure(group, target, (job,)), base),
+            }
+            for target in _targets(group)
+        }
+        out.append(entry)
+    return out
+
+
+def _ceph_table(rows: list[Row]) -> list[str]:
+    entries = ceph(rows)
+    if not entries:
+        return []
+    targets = list(entries[0]["targets"])
+    lines = [
+        "",
+        "## Ceph RBD: abuse rbd: vs rbd-nbd vs krbd, one single-node cluster (memstore OSD)",
+        "",
+        "| job | unit | " + " | ".join(f"{t.removeprefix('ceph-')} | vs krbd" for t in targets) + " |",
+        "|---|---|" + "---|---|" * len(targets),
+    ]
+    for entry in entries:
+        cells = " | ".join(
+            f"{_fmt(entry['targets'][t]['value'], 1)} | {_x(entry['targets'][t]['vs_krbd'])}" for t in targets
+        )
+        lines.append(f"| {entry['job']} | {entry['unit']} | {cells} |")
+    return lines
 
 
 def _figure(rows: list[Row], target: str, jobs: tuple[str, ...]) -> float | None:
@@ -405,6 +446,7 @@ def markdown(raw: dict[str, Any], rows: list[Row], images: tuple[str, str] | Non
             lines += ["", f"![scaling]({images[1]})"]
     lines += _worker_scaling_table(rows)
     lines += _slow_table(rows)
+    lines += _ceph_table(rows)
     by_batch = batching(rows)
     if by_batch:
         jobs = [job.name for job in BATCH_JOBS]

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from bench import report
-from bench.jobs import BATCH_JOBS, JOBS, SLOW_DELAY_S, WORKER_SCALING_JOBS
+from bench.jobs import BATCH_JOBS, CEPH_JOBS, JOBS, SLOW_DELAY_S, WORKER_SCALING_JOBS
 
 CANNED = json.loads((Path(__file__).parent / "data" / "fio-randread.json").read_text())
 CANNED_IOPS = CANNED["jobs"][0]["read"]["iops"]
@@ -324,3 +324,17 @@ def test_slow_backend_delay_matches_the_jobs() -> None:
     buf = bytearray(b"x" * 4096)
     backend.read(0, memoryview(buf))
     assert bytes(buf) == bytes(4096)
+
+
+def test_ceph_group_is_judged_against_krbd() -> None:
+    raw = raw_result({"abuse-mem-1w": 1.0, "loop": 1.0}, scaling=False)
+    for target, scale in (("ceph-krbd", 1.0), ("ceph-rbd-nbd", 0.8), ("ceph-abuse-4w", 0.5)):
+        for job in CEPH_JOBS:
+            raw["runs"].append(_run(target, job.name, scale))
+    rows = report.rows_from_raw(raw)
+    entries = report.ceph(rows)
+    assert [e["job"] for e in entries] == [job.name for job in CEPH_JOBS]
+    assert entries[0]["targets"]["ceph-abuse-4w"]["vs_krbd"] == pytest.approx(0.5)
+    assert entries[0]["targets"]["ceph-rbd-nbd"]["vs_krbd"] == pytest.approx(0.8)
+    assert not any(row.target.startswith("ceph-") for row in report._main_rows(rows))
+    assert "| randread-4k-qd1 | IOPS |" in report.markdown(raw, rows)

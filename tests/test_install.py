@@ -75,6 +75,15 @@ def test_unit_command_line_parses_with_the_example_config() -> None:
     assert str(args.record) == "/run/abuse/%i.dev"
 
 
+def test_unit_command_line_parses_with_the_rbd_example_config() -> None:
+    """The rbd: example's BACKEND (with its ? and &) is one well-formed spec on the unit's line."""
+    conf = _env_file(ROOT / "dist" / "abuse-rbd.conf.example")
+    (line,) = [ln for ln in UNIT.read_text().splitlines() if ln.startswith("ExecStart=")]
+    words = [re.sub(r"\$\{(\w+)\}", lambda m: conf[m.group(1)], w) for w in shlex.split(line[10:])]
+    args = build_parser().parse_args(words[1:])
+    assert (args.backend, args.workers) == (conf["BACKEND"], 8)
+
+
 def _udev_complaints(rule_text: str) -> list[str]:
     """udevadm test's complaints about a rule, in a private mount namespace.
 
@@ -114,9 +123,11 @@ def test_make_install_files_into_destdir(tmp_path: Path) -> None:
     )
     installed = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file())
     assert installed == [
+        "etc/abuse/NAME-rbd.conf.example",
         "etc/abuse/NAME.conf.example",
         "etc/systemd/system/abuse-serve@.service",
         "etc/udev/rules.d/59-abuse.rules",
+        "usr/share/abuse/abuse-serve-ceph.conf",
     ]
     assert (tmp_path / "etc/udev/rules.d/59-abuse.rules").read_text() == RULE.read_text()
 

@@ -16,6 +16,8 @@ takes it:
     zero                     ZeroBackend: reads zeroes, refuses writes (EROFS)
     python:MODULE:CLASS      the user's Backend subclass, built as CLASS(size);
     python:FILE.py:CLASS     MODULE may be the path of a .py file
+    rbd:POOL/IMAGE           RbdBackend: an existing Ceph RBD image (librbd), with
+                             ?conf=PATH&id=NAME&keyring=PATH&timeout=SEC
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from abuse.backends.base import Backend
 from abuse.backends.file import FileBackend, split_file_argument
 from abuse.backends.memory import MemoryBackend
 from abuse.backends.null import NullBackend, ZeroBackend
+from abuse.backends.rbd import RbdBackend, split_rbd_argument
 from abuse.backends.user import open_user_backend
 
 __all__ = [
@@ -35,6 +38,7 @@ __all__ = [
     "FileBackend",
     "MemoryBackend",
     "NullBackend",
+    "RbdBackend",
     "SPEC_CHOICES",
     "ZeroBackend",
     "check_spec",
@@ -62,12 +66,17 @@ def _open_python(argument: str, spec: str, size: int) -> Backend:
     return open_user_backend(target, class_name, size, spec)
 
 
+def _open_rbd(argument: str, spec: str, size: int) -> Backend:
+    return RbdBackend(split_rbd_argument(argument), size)
+
+
 _KINDS: dict[str, _Kind] = {
     "memory": _Kind("memory", False, lambda _arg, _spec, size: MemoryBackend(size)),
     "file": _Kind("file:PATH", True, _open_file),
     "null": _Kind("null", False, lambda _arg, _spec, size: NullBackend(size)),
     "zero": _Kind("zero", False, lambda _arg, _spec, size: ZeroBackend(size)),
     "python": _Kind("python:MODULE:CLASS", True, _open_python),
+    "rbd": _Kind("rbd:POOL/IMAGE", True, _open_rbd),
 }
 
 #: The accepted spec shapes, for help texts and messages.
@@ -90,6 +99,11 @@ def _split(spec: str) -> tuple[_Kind, str]:
     if name == "file":
         try:
             split_file_argument(argument)
+        except ValueError as err:
+            raise _bad(spec, str(err)) from None
+    if name == "rbd":
+        try:
+            split_rbd_argument(argument)
         except ValueError as err:
             raise _bad(spec, str(err)) from None
     if name == "python":

@@ -118,6 +118,43 @@ class Backend:
     def close(self) -> None:
         """Release what the backend holds."""
 
+    def check_workers(self, workers: int) -> None:
+        """Raise ValueError if this storage cannot be served by ``workers`` processes.
+
+        Called at serve, before any worker starts (``shared_state`` is
+        checked besides).  The default accepts any number.
+        """
+
+    # Per-worker life and fencing.  A pool forks its workers from the
+    # supervisor, which opened the backend; a client library that cannot
+    # cross a fork (librados's threads) connects in open_worker instead.
+
+    def open_worker(self) -> str | None:
+        """Open what this worker process needs of its own; return its fencing identity.
+
+        Called in each worker after the fork and before it attaches.  The
+        identity (None: the backend cannot fence) names this process's
+        client to the store: the supervisor passes it to :meth:`fence`
+        when it gives up on the worker.  Exceptions end the worker.
+        """
+        return None
+
+    def close_worker(self) -> None:
+        """Release what :meth:`open_worker` opened (a worker that stops on its own)."""
+
+    def fence(self, identity: str) -> None:
+        """Make the store refuse anything more from the worker named ``identity``.
+
+        Called in the supervisor when its liveness check gives up on a
+        worker, before it kills the worker and before the kernel can
+        hand the worker's requests to another: a write of the old
+        worker's still on its way to the store (a network, a queue) is
+        then refused there.  Raise OSError if the fence could not be
+        set; the worker is killed anyway.  A fence need not be lifted:
+        an identity names one process's client, never reused (for
+        ``rbd:``, the blocklist entry expires).
+        """
+
     _derived_capabilities: frozenset[str] = frozenset()
 
     def __enter__(self) -> Backend:

@@ -177,6 +177,7 @@ def check_backend(backend: Backend, spec: str, config: DiskConfig | None, worker
             f"backend {spec!r} keeps its data in each process (shared_state is false): "
             f"serve it with --workers 1, not {workers}"
         )
+    backend.check_workers(workers)
     if config is None:
         return
     caps = capabilities(backend)
