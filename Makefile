@@ -88,7 +88,7 @@ OPS_612_SKIP := test_install.py::test_dkms_install_builds_and_loads_the_module \
 	test_operators.py::test_run_serves_for_the_command_and_returns_its_status \
 	test_operators.py::test_list_and_status_as_nobody \
 	test_operators.py::test_liveness_kills_a_stopped_worker_before_the_disk_timeout
-TIER_612_ARGS ?= tests/kernel --ignore=tests/kernel/faults $(foreach t,$(OPS_612_SKIP),--deselect tests/kernel/$(t))
+TIER_612_ARGS ?= tests/kernel --ignore=tests/kernel/faults --ignore=tests/kernel/test_rbd.py $(foreach t,$(OPS_612_SKIP),--deselect tests/kernel/$(t))
 test-kernel-6.12:
 	kver=$$(scripts/trixie-kernel) && \
 	scripts/chroot-module $$kver build/kernel-$$kver && \
