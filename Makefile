@@ -27,6 +27,7 @@ PYTHON := .venv/bin/python
 PYTEST := $(PYTHON) -m pytest -p no:cacheprovider
 
 .PHONY: all deps module module-guest test test-host test-kernel test-kernel-6.12 test-faults run bench check clean \
+	debug-kernel test-debug test-detectors \
 	load unload install install-module install-files install-python dkms-install
 
 all: module
@@ -98,6 +99,22 @@ test-kernel-6.12:
 # replays a failed run's random choices.
 test-faults:
 	KVER=$(TEST_KVER) OUT=$(CURDIR)/build/faults ABUSE_SEED=$(SEED) scripts/kernel-tier tests/kernel/faults
+
+# The debug kernel (KASAN, lockdep, kmemleak, debug objects: see
+# RELIABILITY.md), built once into /var/cache/abuse (about an hour on
+# 2 cores).  Not part of test: the lead decides how CI runs it.
+debug-kernel:
+	scripts/debug-kernel
+
+# The kernel tier, then the fault suite, on the debug kernel; fails on
+# any detector report.  QUICK=1: a reduced subset; SEED=n as test-faults.
+test-debug:
+	DEBUG_QUICK=$(QUICK) ABUSE_SEED=$(SEED) scripts/debug-tier
+
+# The deliberate bugs of the selftest build: KASAN and lockdep must
+# report them (tests/kernel/detectors).
+test-detectors:
+	scripts/debug-tier --detectors
 
 run: deps
 	$(MAKE) module-guest

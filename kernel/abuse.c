@@ -187,6 +187,51 @@ static void abuse_unlock(struct abuse_device *dev)
 static DEFINE_MUTEX(abuse_ctl_mutex);	/* protects abuse_index_idr */
 static DEFINE_IDR(abuse_index_idr);
 
+#ifdef ABUSE_SELFTEST_BUGS
+/*
+ * Deliberate bugs, built only by scripts/debug-tier --detectors (never
+ * in the normal module), to prove that the debug kernel's detectors see
+ * this driver: tests/kernel/detectors sets selftest_bug and expects
+ * KASAN's or lockdep's report in the kernel log.
+ */
+#define ABUSE_BUG_USE_AFTER_END	1	/* KASAN: read a bio after its end */
+#define ABUSE_BUG_LOCK_ORDER	2	/* lockdep: open_mutex, then ctl */
+
+static int selftest_bug;
+module_param(selftest_bug, int, 0644);
+MODULE_PARM_DESC(selftest_bug,
+		 "Test builds only: 1 = use a request's bio after ending it, 2 = take abuse_ctl_mutex under open_mutex (default 0: none)");
+
+static void abuse_end_request(struct request *rq, blk_status_t sts)
+{
+	struct bio *bio = rq->bio;
+
+	blk_mq_end_request(rq, sts);
+	/* Ending the request completed its bios, and freed most. */
+	if (READ_ONCE(selftest_bug) == ABUSE_BUG_USE_AFTER_END && bio)
+		pr_info("selftest: ended request was at sector %llu\n",
+			(unsigned long long)bio->bi_iter.bi_sector);
+}
+
+/* Under disk->open_mutex, which abuse_ctl_destroy() takes under ctl. */
+static void abuse_selftest_open(void)
+{
+	if (READ_ONCE(selftest_bug) != ABUSE_BUG_LOCK_ORDER)
+		return;
+	mutex_lock(&abuse_ctl_mutex);
+	mutex_unlock(&abuse_ctl_mutex);
+}
+#else
+static inline void abuse_end_request(struct request *rq, blk_status_t sts)
+{
+	blk_mq_end_request(rq, sts);
+}
+
+static inline void abuse_selftest_open(void)
+{
+}
+#endif
+
 /* ---------------------------------------------------------------------
  * Kernel compat: the only code that differs between 6.1 and 6.12.
  * 6.5 passes ->open the gendisk and a blk_mode_t; 6.11 takes the queue
@@ -771,6 +816,7 @@ static int abuse_disk_open(struct gendisk *disk)
 	struct abuse_device *dev = disk->private_data;
 	bool dead;
 
+	abuse_selftest_open();
 	spin_lock_irq(&dev->lock);
 	dead = dev->dead;
 	spin_unlock_irq(&dev->lock);
@@ -1457,7 +1503,7 @@ static u32 abuse_put_chunk(struct abuse_device *dev, struct abuse_worker *w,
 
 	for (i = 0; i < count; i++) {
 		if (rqs[i] && !copy[i]) {
-			blk_mq_end_request(rqs[i], sts[i]);
+			abuse_end_request(rqs[i], sts[i]);
 			accepted++;
 		}
 	}
@@ -1499,7 +1545,7 @@ static u32 abuse_put_chunk(struct abuse_device *dev, struct abuse_worker *w,
 
 	for (i = 0; i < count; i++) {
 		if (copy[i]) {
-			blk_mq_end_request(rqs[i], sts[i]);
+			abuse_end_request(rqs[i], sts[i]);
 			accepted += !chunk[i].status;
 		}
 	}
