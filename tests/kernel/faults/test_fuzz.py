@@ -266,7 +266,8 @@ def test_get_on_a_disk_being_destroyed_returns_enodev(rng: random.Random) -> Non
                     # EIO if the driver held it; ENOSPC if it was submitted after the
                     # destroy set the capacity to 0 (as in test_destroy); ENXIO or
                     # ENOENT if it opened the disk too late.
-                    assert writer.error.errno in (errno.EIO, errno.ENOSPC, errno.ENXIO, errno.ENOENT), writer.error
+                    allowed = (errno.EIO, errno.ENOSPC, errno.ENXIO, errno.ENOENT)
+                    assert writer.error.errno in allowed, writer.error
                     eio += 1
             for w in workers:
                 fd = w.control.fileno()
