@@ -80,11 +80,4 @@ SLOW_JOB = Job("randread-4k-qd32", "randread", "4k", 32)
 
 # The ceph group: abuse rbd: with 1 and 4 workers, rbd-nbd and krbd on
 # one single-node cluster (memstore OSD), each judged against krbd.
-CEPH_JOBS = [
-    Job("randread-4k-qd1", "randread", "4k", 1),
-    Job("randwrite-4k-qd1", "randwrite", "4k", 1),
-    Job("randread-4k-qd32", "randread", "4k", 32),
-    Job("randwrite-4k-qd32", "randwrite", "4k", 32),
-    Job("seqwrite-1M-qd4", "write", "1M", 4),
-    Job("seqread-1M-qd4", "read", "1M", 4),
-]
+CEPH_JOBS = JOBS  # the same six jobs as every device
