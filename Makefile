@@ -33,7 +33,7 @@ PYTEST := $(PYTHON) -m pytest -p no:cacheprovider
 all: module
 
 deps:
-	scripts/bootstrap
+	scripts/timed deps scripts/bootstrap
 
 module:
 	@test -n "$(KVER)" || { echo "module: no kernel headers for $(RUNNING_KVER) and no guest kernel: run make deps" >&2; exit 1; }
@@ -46,13 +46,14 @@ module-guest:
 	$(MAKE) module KVER=$(GUEST_KVER)
 
 # Recursive so that GUEST_KVER is read after deps has installed the kernel.
+# Each step says how long it took (scripts/timed).
 test: deps
-	$(MAKE) module-guest
-	$(MAKE) check
-	$(MAKE) test-host
-	$(MAKE) test-kernel
-	$(MAKE) test-kernel-6.12
-	$(MAKE) test-faults
+	scripts/timed module-guest $(MAKE) module-guest
+	scripts/timed check $(MAKE) check
+	scripts/timed test-host $(MAKE) test-host
+	scripts/timed test-kernel $(MAKE) test-kernel
+	scripts/timed test-kernel-6.12 $(MAKE) test-kernel-6.12
+	scripts/timed test-faults $(MAKE) test-faults
 
 test-host:
 	$(PYTEST) -q tests --ignore=tests/kernel
