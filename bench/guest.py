@@ -261,11 +261,12 @@ def abuse_rbd_disk(conf: Path, workers: int, batch: int) -> Iterator[Device]:
 @contextlib.contextmanager
 def krbd_disk(conf: Path) -> Iterator[Device]:
     with rbd_image(conf, "rbd/krbd") as name:
-        path = run(["rbd", "-c", str(conf), "map", name]).strip()
+        # noudev: the guest runs no udevd, and `rbd map` would wait for it.
+        path = run(["rbd", "-c", str(conf), "device", "map", "-o", "noudev", name]).strip()
         try:
             yield Device(path, [])
         finally:
-            run(["rbd", "-c", str(conf), "unmap", path])
+            run(["rbd", "-c", str(conf), "device", "unmap", "-o", "noudev", path])
 
 
 @contextlib.contextmanager

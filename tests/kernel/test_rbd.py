@@ -79,7 +79,14 @@ def _check_files(root: Path, sums: dict[str, str]) -> None:
 
 
 def _krbd_map(cluster: Cluster, image: str) -> str:
-    return cluster.rbd("map", f"rbd/{image}").strip()
+    # noudev: the guest runs no udevd (tests/kernel/guest-run stops it),
+    # and without it `rbd map` waits for udev's event until it times out;
+    # devtmpfs makes /dev/rbdN all the same.
+    return cluster.rbd("device", "map", "-o", "noudev", f"rbd/{image}").strip()
+
+
+def _krbd_unmap(cluster: Cluster, rbd_dev: str) -> None:
+    cluster.rbd("device", "unmap", "-o", "noudev", rbd_dev)
 
 
 def test_ext4_moves_between_abuse_and_krbd(cluster: Cluster, tmp_path: Path) -> None:
@@ -100,7 +107,7 @@ def test_ext4_moves_between_abuse_and_krbd(cluster: Cluster, tmp_path: Path) -> 
             _check_files(mnt, ours)
             theirs = _write_files(mnt, "krbd", FILES_MIB)
     finally:
-        cluster.rbd("unmap", rbd_dev)
+        _krbd_unmap(cluster, rbd_dev)
     moved = time.monotonic()
     with _served("1G", spec, 4, *SLOW) as (dev, serve):
         drop_caches()
