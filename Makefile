@@ -91,15 +91,10 @@ OPS_612_SKIP := test_install.py::test_dkms_install_builds_and_loads_the_module \
 	test_operators.py::test_list_and_status_as_nobody \
 	test_operators.py::test_liveness_kills_a_stopped_worker_before_the_disk_timeout
 TIER_612_ARGS ?= tests/kernel --ignore=tests/kernel/faults --ignore=tests/kernel/test_rbd.py $(foreach t,$(OPS_612_SKIP),--deselect tests/kernel/$(t))
-#
-# The 6.12 guest boots with no5lvl: twice (CI, and 2026-11-30 beside two
-# other guests) its qemu sat with 2 s of CPU and no user space, which we
-# suspect is TCG's 5-level paging (the debug kernel's early KASAN report
-# came from it); not proven.  vm-run's boot watchdog retries either way.
 test-kernel-6.12:
 	kver=$$(scripts/trixie-kernel) && \
 	scripts/chroot-module $$kver build/kernel-$$kver && \
-	VM_APPEND=$${VM_APPEND-no5lvl} KVER=$$kver ABUSE_KO=$(CURDIR)/build/kernel-$$kver/abuse.ko scripts/kernel-tier $(or $(ARGS),$(TIER_612_ARGS))
+	KVER=$$kver ABUSE_KO=$(CURDIR)/build/kernel-$$kver/abuse.ko scripts/kernel-tier $(or $(ARGS),$(TIER_612_ARGS))
 
 # The fault suite, in its own boot (the last step of make test).  SEED=n
 # replays a failed run's random choices.
