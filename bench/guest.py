@@ -104,12 +104,14 @@ def served_abuse_disk(size: int, server: list[str], workers: int) -> Iterator[De
         config = control.create(size, timeout_ms=0)
         attached = Path(f"/sys/block/{config.name}/abuse/attached")
         proc = subprocess.Popen([*server, config.path], cwd=ROOT, stdout=subprocess.DEVNULL)
+
+        def ready() -> bool:
+            if proc.poll() is not None:  # refused its arguments or crashed: say so now
+                raise RuntimeError(f"{' '.join(server)} exited with status {proc.returncode}")
+            return int(attached.read_text()) == workers
+
         try:
-            wait_for(
-                f"{workers} workers on {config.path}",
-                lambda: int(attached.read_text()) == workers,
-                timeout=60.0 + 10.0 * workers,
-            )
+            wait_for(f"{workers} workers on {config.path}", ready, timeout=60.0 + 10.0 * workers)
             yield Device(config.path, [psutil.Process(proc.pid)])
         finally:
             proc.terminate()

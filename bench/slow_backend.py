@@ -21,6 +21,7 @@ class SlowBackend(Backend):
     """Sleeps ``delay`` seconds per read or write."""
 
     delay = 0.005  # bench.jobs.SLOW_DELAY_S (loaded as a file, this module imports no bench)
+    shared_state = True  # it stores nothing, so any number of workers may serve it
 
     def __init__(self, size: int) -> None:
         self.size = size
