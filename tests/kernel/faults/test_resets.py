@@ -56,6 +56,9 @@ def test_reset_fail_gives_eio_and_the_disk_works_after(rng: random.Random) -> No
     """With the workers stopped, a writer's requests wait; reset --fail ends them."""
     with served_disk("64M", "memory", 2) as (dev, serve):
         pids = worker_pids(serve)
+        # The pool first: its liveness check would replace the stopped
+        # workers, and the new ones would serve the writer before the reset.
+        os.kill(serve.pid, signal.SIGSTOP)
         for pid in pids:
             os.kill(pid, signal.SIGSTOP)
         blocks = rng.randint(1, 64)
@@ -74,6 +77,7 @@ def test_reset_fail_gives_eio_and_the_disk_works_after(rng: random.Random) -> No
                 os.kill(pid, signal.SIGCONT)
             except ProcessLookupError:
                 pass  # a holder, fenced by the reset
+        os.kill(serve.pid, signal.SIGCONT)  # it replaces the fenced ones
         tally.add("resets")
         counters = sysfs_counters(dev)
         assert counters["errors"] >= 1, counters
