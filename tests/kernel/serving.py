@@ -63,10 +63,11 @@ def worker_pids(serve: subprocess.Popen[str]) -> list[int]:
 
 
 def stop_pool(serve: subprocess.Popen[str]) -> str:
-    """Stop the pool (SIGCONT its workers first); its output, once."""
+    """Stop the pool (SIGCONT it and its workers first); its output, once."""
     if serve.stdout is None or serve.stdout.closed:
         return ""
     if serve.poll() is None:
+        serve.send_signal(signal.SIGCONT)  # a test that stopped it may have failed before continuing it
         for pid in worker_pids(serve):
             try:
                 os.kill(pid, signal.SIGCONT)
