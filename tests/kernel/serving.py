@@ -5,15 +5,18 @@ from __future__ import annotations
 import hashlib
 import os
 import signal
+import socket
 import subprocess
 import sys
+import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import psutil
 
-from tests.kernel.conftest import run, wait_for
+from tests.kernel.conftest import run
 
 ABUSECTL = [sys.executable, "-m", "abusectl"]
 
@@ -42,17 +45,54 @@ def served_disk(
 
 
 def start_pool(dev: str, backend: str, workers: int) -> subprocess.Popen[str]:
-    serve = subprocess.Popen(
-        [*ABUSECTL, "serve", dev, "--backend", backend, "--workers", str(workers)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
-    # Python starts slowly under TCG, and slower still on a busy host.
-    wait_for(lambda: len(worker_pids(serve)) == workers or serve.poll() is not None, timeout=180)
-    assert serve.poll() is None, serve.communicate()[0]
+    """`abusectl serve`, returned once it says READY=1 (every worker attached).
+
+    Not merely once its workers exist or the disk counts them attached: a
+    worker attaches before it tells the pool so, and a worker stopped in
+    between is one the pool's liveness check does not yet watch.
+    """
+    with notify_socket() as (path, listener):
+        serve = subprocess.Popen(
+            [*ABUSECTL, "serve", dev, "--backend", backend, "--workers", str(workers)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+            env={**os.environ, "NOTIFY_SOCKET": path},
+        )
+        ready = wait_ready(listener, serve)
+    assert ready, serve.communicate()[0]
     return serve
+
+
+@contextmanager
+def notify_socket() -> Iterator[tuple[str, socket.socket]]:
+    """A datagram socket to pass as $NOTIFY_SOCKET, as systemd would."""
+    with tempfile.TemporaryDirectory(prefix="notify-") as where:
+        path = os.path.join(where, "socket")
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as listener:
+            listener.bind(path)
+            yield path, listener
+
+
+def wait_ready(listener: socket.socket, serve: subprocess.Popen[str], timeout: float = 300) -> bool:
+    """Wait for READY=1 from ``serve``; False if it exited first.
+
+    ``timeout`` bounds a stuck pool; Python starts slowly under TCG, and
+    slower still on a busy host.
+    """
+    deadline = time.monotonic() + timeout
+    listener.settimeout(1)
+    while time.monotonic() < deadline:
+        try:
+            message = listener.recv(4096).decode()
+        except TimeoutError:
+            if serve.poll() is not None:
+                return False
+            continue
+        if "READY=1" in message.splitlines():
+            return True
+    raise AssertionError(f"serve did not say READY=1 in {timeout:.0f}s")
 
 
 def worker_pids(serve: subprocess.Popen[str]) -> list[int]:
