@@ -48,7 +48,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote
 
-from abuse.backends.base import Backend, Finish
+from abuse.backends.base import Backend
 
 __all__ = ["FENCE_EXPIRE", "RbdBackend", "RbdTarget", "split_rbd_argument"]
 
@@ -136,30 +136,6 @@ def _failed(what: str, err: Exception) -> OSError:
     else:
         log.warning("%s failed: %s", what, err)
     return OSError(code, f"{what}: {err}")
-
-
-class _Pending:
-    """One started librbd aio call; calling it waits for it (a :data:`Finish`)."""
-
-    def __init__(self, what: str, buf: memoryview | None = None) -> None:
-        self.what = what
-        self.buf = buf  # a read's destination
-        self.payload = b""  # a write's data, referenced until it completes
-        self.completion: Any = None
-        self.data: bytes | None = None
-
-    def on_complete(self, completion: Any, data: bytes | None = None) -> None:
-        """librbd's callback, in one of its threads: keep a read's data."""
-        self.data = data
-
-    def __call__(self) -> None:
-        self.completion.wait_for_complete_and_cb()
-        code = self.completion.get_return_value()
-        self.payload = b""
-        if code < 0:
-            raise _failed(self.what, OSError(-code, os.strerror(-code)))
-        if self.buf is not None:
-            self.buf[:] = self.data or b""
 
 
 class _Session:
@@ -330,29 +306,6 @@ class RbdBackend(Backend):
             image.write(bytes(data), offset)
         except Exception as err:
             raise _failed(f"rbd write at {offset}", err) from None
-
-    # Overlapped: the worker starts a whole batch through librbd's aio
-    # calls, then waits for each; one worker keeps the batch in flight,
-    # as krbd and rbd-nbd keep their queue depth.
-
-    def start_read(self, offset: int, buf: memoryview) -> Finish:
-        image = self._image()
-        pending = _Pending(f"rbd read at {offset}", buf)
-        try:
-            pending.completion = image.aio_read(offset, len(buf), pending.on_complete)
-        except Exception as err:
-            raise _failed(pending.what, err) from None
-        return pending
-
-    def start_write(self, offset: int, data: memoryview) -> Finish:
-        image = self._image()
-        pending = _Pending(f"rbd write at {offset}")
-        pending.payload = bytes(data)  # librbd reads it until the write completes
-        try:
-            pending.completion = image.aio_write(pending.payload, offset, pending.on_complete)
-        except Exception as err:
-            raise _failed(pending.what, err) from None
-        return pending
 
     def flush(self) -> None:
         image = self._image()
