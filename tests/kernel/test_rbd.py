@@ -112,7 +112,7 @@ def test_ext4_moves_between_abuse_and_krbd(cluster: Cluster, tmp_path: Path) -> 
     with _served("1G", spec, 4, *SLOW) as (dev, serve):
         drop_caches()
         with mounted(dev, mnt, "-o", "ro"):
-            _check_files(mnt, {**ours, **theirs})
+            _check_files(mnt, theirs)  # ours were checked through krbd
     print(
         f"ext4 via rbd, {FILES_MIB} MiB each way: abuse wrote in {wrote - began:.0f} s, "
         f"krbd checked and wrote in {moved - wrote:.0f} s, abuse checked in {time.monotonic() - moved:.0f} s"
