@@ -319,6 +319,12 @@ def main(argv: list[str] | None = None) -> int:
         default=",".join(DEFAULT_GROUPS),
         help=f"comma-separated groups to run after the targets: {GROUPS}",
     )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="run the scaling group this many times, interleaved (the report takes the medians)",
+    )
     parser.add_argument("--profile", action="store_true", help="only profile one worker, per job")
     parser.add_argument("--no-prefill", action="store_true", help="do not write each device first")
     args = parser.parse_args(argv)
@@ -354,11 +360,14 @@ def main(argv: list[str] | None = None) -> int:
         if groups - set(GROUPS):
             raise SystemExit(f"bench.guest: unknown groups {sorted(groups - set(GROUPS))}")
         if "scaling" in groups:
-            for workers in SCALE_WORKERS:
-                factory = lambda w=workers: abuse_disk(args.size, "memory", w, args.batch)  # noqa: E731
-                failed += _measure(
-                    result, f"scale-abuse-mem-{workers}w", factory, SCALE_JOBS, args.runtime, fill
-                )
+            # Rounds interleave the worker counts (1, 2, 4, 1, 2, 4, ...), so
+            # that the rig's drift over minutes hits each count alike.
+            for _ in range(max(1, args.rounds)):
+                for workers in SCALE_WORKERS:
+                    factory = lambda w=workers: abuse_disk(args.size, "memory", w, args.batch)  # noqa: E731
+                    failed += _measure(
+                        result, f"scale-abuse-mem-{workers}w", factory, SCALE_JOBS, args.runtime, fill
+                    )
             jobs = [scale_job(qd) for qd in SCALE_QUEUE_DEPTHS]
             failed += _measure(result, "scale-loop", lambda: loop_disk(args.size), jobs, args.runtime, fill)
         if "batching" in groups:

@@ -36,6 +36,7 @@ __all__ = [
     "markdown",
     "rows_from_raw",
     "slow_backend",
+    "spread",
     "summary",
     "targets_check",
     "worker_scaling",
@@ -141,8 +142,33 @@ def _row(run: dict[str, Any]) -> Row:
 
 
 def rows_from_raw(raw: dict[str, Any]) -> list[Row]:
-    """Every run of ``raw`` (bench.guest's output) as a Row."""
-    return [_row(run) for run in raw["runs"]]
+    """Every (target, job) of ``raw`` (bench.guest's output) as a Row.
+
+    A job run in several rounds (``--rounds``) is the round with the
+    median figure (the lower one of an even count), so that one slow or
+    fast round of the rig does not decide a ratio.
+    """
+    runs: dict[tuple[str, str], list[Row]] = {}
+    for run in raw["runs"]:
+        row = _row(run)
+        runs.setdefault((row.target, row.job), []).append(row)
+    return [_median(rounds) for rounds in runs.values()]
+
+
+def _median(rounds: list[Row]) -> Row:
+    ordered = sorted(rounds, key=lambda row: row.figure)
+    return ordered[(len(ordered) - 1) // 2]
+
+
+def spread(raw: dict[str, Any]) -> dict[tuple[str, str], tuple[float, float, int]]:
+    """(target, job) -> (lowest, highest figure, rounds) for the jobs run more than once."""
+    figures: dict[tuple[str, str], list[float]] = {}
+    for run in raw["runs"]:
+        row = _row(run)
+        figures.setdefault((row.target, row.job), []).append(row.figure)
+    return {
+        key: (min(values), max(values), len(values)) for key, values in figures.items() if len(values) > 1
+    }
 
 
 def _main_rows(rows: list[Row]) -> list[Row]:
@@ -445,6 +471,7 @@ def markdown(raw: dict[str, Any], rows: list[Row], images: tuple[str, str] | Non
         if images:
             lines += ["", f"![scaling]({images[1]})"]
     lines += _worker_scaling_table(rows)
+    lines += _rounds_table(raw)
     lines += _slow_table(rows)
     lines += _ceph_table(rows)
     by_batch = batching(rows)
@@ -498,6 +525,22 @@ def _file_table(rows: list[Row]) -> list[str]:
         if any("holds" in cell for cell in judged):
             holds = "yes" if all(cell.get("holds") for cell in judged) else "no"
         lines.append(f"| {entry['target']} | " + " | ".join(cells) + f" | {vs_copy} | {holds} |")
+    return lines
+
+
+def _rounds_table(raw: dict[str, Any]) -> list[str]:
+    ranges = spread(raw)
+    if not ranges:
+        return []
+    lines = [
+        "",
+        "## Rounds: jobs run in interleaved rounds (every table above shows the median)",
+        "",
+        "| target | job | rounds | lowest | highest | highest / lowest |",
+        "|---|---|---|---|---|---|",
+    ]
+    for (target, job), (low, high, count) in ranges.items():
+        lines.append(f"| {target} | {job} | {count} | {_fmt(low)} | {_fmt(high)} | {_x(_ratio(high, low))} |")
     return lines
 
 
@@ -620,6 +663,7 @@ def readme_block(raw: dict[str, Any], rows: list[Row], stem: str) -> str:
     lines += _summary_table(rows)
     lines += _file_table(rows)
     lines += _worker_scaling_table(rows)
+    lines += _rounds_table(raw)
     lines += _slow_table(rows)
     lines += [
         "",

@@ -338,3 +338,31 @@ def test_ceph_group_is_judged_against_krbd() -> None:
     assert entries[0]["targets"]["ceph-rbd-nbd"]["vs_krbd"] == pytest.approx(0.8)
     assert not any(row.target.startswith("ceph-") for row in report._main_rows(rows))
     assert "| randread-4k-qd1 | IOPS |" in report.markdown(raw, rows)
+
+
+def test_rounds_report_the_median_and_their_spread() -> None:
+    raw = raw_result({"loop": 1.0}, scaling=False)
+    for scale in (1.0, 5.0, 2.0):  # three rounds of one job, the rig drifting
+        raw["runs"].append(
+            {
+                "target": "scale-abuse-mem-1w",
+                "job": "randread-4k-qd32",
+                "fio": fio_output("randread-4k-qd32", scale),
+                "server_cpu_s": 1.0,
+                "guest_busy_cpu_s": 1.0,
+            }
+        )
+    rows = [row for row in report.rows_from_raw(raw) if row.target == "scale-abuse-mem-1w"]
+    assert len(rows) == 1 and rows[0].iops == pytest.approx(2.0 * CANNED_IOPS)
+    assert report.spread(raw) == {
+        ("scale-abuse-mem-1w", "randread-4k-qd32"): (
+            pytest.approx(CANNED_IOPS),
+            pytest.approx(5 * CANNED_IOPS),
+            3,
+        )
+    }
+    text = report.markdown(raw, report.rows_from_raw(raw))
+    assert "## Rounds" in text and "| scale-abuse-mem-1w | randread-4k-qd32 | 3 |" in text
+    assert "## Rounds" not in report.markdown(
+        raw_result({"loop": 1.0}), report.rows_from_raw(raw_result({"loop": 1.0}))
+    )
