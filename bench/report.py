@@ -148,26 +148,30 @@ def rows_from_raw(raw: dict[str, Any]) -> list[Row]:
     median figure (the lower one of an even count), so that one slow or
     fast round of the rig does not decide a ratio.
     """
-    runs: dict[tuple[str, str], list[Row]] = {}
+    return [_median(rounds) for rounds in _rounds(raw).values()]
+
+
+def _rounds(raw: dict[str, Any]) -> dict[tuple[str, str], list[Row]]:
+    """Every run of ``raw`` as a Row, by (target, job), sorted by figure."""
+    rounds: dict[tuple[str, str], list[Row]] = {}
     for run in raw["runs"]:
         row = _row(run)
-        runs.setdefault((row.target, row.job), []).append(row)
-    return [_median(rounds) for rounds in runs.values()]
+        rounds.setdefault((row.target, row.job), []).append(row)
+    for rows in rounds.values():
+        rows.sort(key=lambda row: row.figure)
+    return rounds
 
 
-def _median(rounds: list[Row]) -> Row:
-    ordered = sorted(rounds, key=lambda row: row.figure)
+def _median(ordered: list[Row]) -> Row:
     return ordered[(len(ordered) - 1) // 2]
 
 
 def spread(raw: dict[str, Any]) -> dict[tuple[str, str], tuple[float, float, int]]:
     """(target, job) -> (lowest, highest figure, rounds) for the jobs run more than once."""
-    figures: dict[tuple[str, str], list[float]] = {}
-    for run in raw["runs"]:
-        row = _row(run)
-        figures.setdefault((row.target, row.job), []).append(row.figure)
     return {
-        key: (min(values), max(values), len(values)) for key, values in figures.items() if len(values) > 1
+        key: (rows[0].figure, rows[-1].figure, len(rows))
+        for key, rows in _rounds(raw).items()
+        if len(rows) > 1
     }
 
 

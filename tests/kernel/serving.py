@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import psutil
 
@@ -51,18 +52,22 @@ def start_pool(dev: str, backend: str, workers: int) -> subprocess.Popen[str]:
     worker attaches before it tells the pool so, and a worker stopped in
     between is one the pool's liveness check does not yet watch.
     """
-    with notify_socket() as (path, listener):
-        serve = subprocess.Popen(
-            [*ABUSECTL, "serve", dev, "--backend", backend, "--workers", str(workers)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            start_new_session=True,
-            env={**os.environ, "NOTIFY_SOCKET": path},
-        )
-        ready = wait_ready(listener, serve)
+    serve, ready = start_ready(
+        [*ABUSECTL, "serve", dev, "--backend", backend, "--workers", str(workers)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     assert ready, serve.communicate()[0]
     return serve
+
+
+def start_ready(argv: list[str], **popen: Any) -> tuple[subprocess.Popen[Any], bool]:
+    """Start ``argv`` with a $NOTIFY_SOCKET; it and whether it said READY=1 (False: it exited first)."""
+    with notify_socket() as (path, listener):
+        process = subprocess.Popen(argv, env={**os.environ, "NOTIFY_SOCKET": path}, **popen)
+        return process, wait_ready(listener, process)
 
 
 @contextmanager
@@ -75,7 +80,7 @@ def notify_socket() -> Iterator[tuple[str, socket.socket]]:
             yield path, listener
 
 
-def wait_ready(listener: socket.socket, serve: subprocess.Popen[str], timeout: float = 300) -> bool:
+def wait_ready(listener: socket.socket, serve: subprocess.Popen[Any], timeout: float = 300) -> bool:
     """Wait for READY=1 from ``serve``; False if it exited first.
 
     ``timeout`` bounds a stuck pool; Python starts slowly under TCG, and

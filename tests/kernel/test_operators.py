@@ -28,7 +28,7 @@ from abuse.control import Control, ModuleFeatures
 from abuse.worker import Worker
 from tests.kernel.blockio import direct_read, direct_write, pattern
 from tests.kernel.conftest import Disks, MiB, wait_for
-from tests.kernel.serving import ABUSECTL, abusectl, notify_socket, wait_ready
+from tests.kernel.serving import ABUSECTL, abusectl, start_ready
 
 ROOT = Path(__file__).resolve().parents[2]
 V1 = ModuleFeatures.from_answer(1, uapi.ABUSE_MAX_BATCH, 0x1F, 0)  # what a version-1 module answers
@@ -280,16 +280,12 @@ def test_liveness_kills_a_stopped_worker_before_the_disk_timeout(tmp_path: Path)
     timeout_s = 8
     dev = abusectl("create", "-s", "16M", "--timeout", str(timeout_s))
     log = tmp_path / "serve.log"
-    with log.open("w") as out, notify_socket() as (path, listener):
-        serve = subprocess.Popen(
-            [*ABUSECTL, "serve", dev, "-b", "memory", "-w", "2"],
-            stdout=out,
-            stderr=out,
-            env={**os.environ, "NOTIFY_SOCKET": path},
-        )
+    with log.open("w") as out:
         # READY=1, not the disk's attached count: a worker attaches before
         # it tells the pool, and one stopped in between is not yet watched.
-        ready = wait_ready(listener, serve)
+        serve, ready = start_ready(
+            [*ABUSECTL, "serve", dev, "-b", "memory", "-w", "2"], stdout=out, stderr=out
+        )
     try:
         assert ready, log.read_text()
         victim = psutil.Process(serve.pid).children()[0]
