@@ -23,7 +23,10 @@ How many requests a worker takes at once adapts to its backend: a
 batch should take about ``BATCH_BUDGET_NS`` (2 ms) to serve, so a backend that
 waits (a network, a slow disk) takes one request at a time and leaves
 the rest to idle workers, which the kernel wakes when a queued request
-has waited too long, while a fast one takes up to ``batch``.
+has waited too long, while a fast one takes up to ``batch``.  A backend
+that overlaps its I/O (``start_read``/``start_write``, as ``rbd:``) starts
+a whole batch at once; its batch is bounded by the backend's
+``queue_depth`` and ``queue_bytes`` instead.
 
 A backend that sets ``wants_tokens`` gets each modifying request's
 fencing token (ABUSE_XFER_TOKENS) as a third argument of ``write``,
@@ -40,7 +43,7 @@ import struct
 from typing import Any, Callable
 
 from abuse import uapi
-from abuse.backends.base import Backend
+from abuse.backends.base import Backend, Finish, overlaps
 from abuse.clock import coarse_ns
 from abuse.control import Control, Xfer
 
@@ -106,6 +109,13 @@ class Worker:
             self._tokens = memoryview(uapi.ffi.buffer(self._xfer.tokens)).cast("Q")
         self._batch = batch
         self._per_request_ns = 0  # moving average of a request's service time
+        # A backend with start_read/start_write keeps a whole batch in
+        # flight: the batch is bounded by its queue_depth and queue_bytes
+        # (the part of the buffer the kernel may fill), not by time.
+        self._overlapped = overlaps(backend) and not self.in_place and self._tokens is None
+        if self._overlapped:
+            self._xfer.limit = max(1, min(batch, backend.queue_depth))
+            self._xfer.use_buffer(self._base, min(size, max(config.max_request_bytes, backend.queue_bytes)))
 
     def serve(
         self,
@@ -160,8 +170,8 @@ class Worker:
         request (an emulated HPET).  A batch measures 0 or a tick, in
         proportion to its length, so the slow moving average is right.
         """
-        if not BATCH_BUDGET_NS:
-            return
+        if not BATCH_BUDGET_NS or self._overlapped:
+            return  # an overlapped batch starts every request at once: it holds none back
         average = self._per_request_ns
         average += (elapsed_ns // count - average) // 16
         self._per_request_ns = average
@@ -219,6 +229,8 @@ class Worker:
         """
         backend = self.backend
         mapped_address = backend.mapped_address
+        if self._overlapped:
+            return self._run_overlapped(count)
         call_backend = self._call_backend
         in_place = self.in_place
         view = self._view
@@ -251,6 +263,57 @@ class Worker:
                 result = call_backend(_FLUSH, offset, length)
             pack_reply(replies, at, handle, data, length, result, 0, 0)
             at += _REPLY.size
+        return count
+
+    def _run_overlapped(self, count: int) -> int:
+        """``_run_batch`` for a backend with start_read/start_write.
+
+        Every read and write is started before any is waited for.  A
+        flush, discard or write zeroes, and a FUA write's flush, first
+        waits for everything started before it: a flush covers the writes
+        completed before it, and the others must not race a write to the
+        same blocks that came first.
+        """
+        backend = self.backend
+        view = self._view
+        base = self._base
+        requests = list(_REQUEST.iter_unpack(self._requests[: count * _REQUEST.size]))
+        results = [0] * count
+        started: list[tuple[int, Finish]] = []
+
+        def finish_started() -> None:
+            for slot, finish in started:
+                try:
+                    finish()
+                except Exception as err:
+                    _, offset, _, length, op, _ = requests[slot]
+                    results[slot] = _failure(err, op, offset, length)
+            started.clear()
+
+        for slot, (_, offset, data, length, op, flags) in enumerate(requests):
+            if op == _READ or op == _WRITE:
+                piece = view[data - base : data - base + length]
+                try:
+                    if op == _READ:
+                        started.append((slot, backend.start_read(offset, piece)))
+                    else:
+                        started.append((slot, backend.start_write(offset, piece)))
+                except Exception as err:
+                    results[slot] = _failure(err, op, offset, length)
+                if not flags & _FUA or op != _WRITE:
+                    continue
+                finish_started()
+                if results[slot]:
+                    continue
+                op = _FLUSH
+            else:
+                finish_started()
+            results[slot] = self._call_backend(op, offset, length)
+        finish_started()
+        pack_reply = _REPLY.pack_into
+        replies = self._replies
+        for slot, (handle, _, data, length, _, _) in enumerate(requests):
+            pack_reply(replies, slot * _REPLY.size, handle, data, length, results[slot], 0, 0)
         return count
 
     def close(self) -> None:

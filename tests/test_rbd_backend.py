@@ -37,6 +37,8 @@ def cluster(request: pytest.FixtureRequest) -> Iterator[Cluster]:
     [
         "rbd:rbd/disk",
         "rbd:pool/image?conf=/etc/ceph/ceph.conf&id=abuse&keyring=/etc/ceph/k&timeout=5",
+        "rbd:pool/image?queue_depth=1",
+        "rbd:pool/image?queue_depth=64",
     ],
 )
 def test_good_specs(spec: str) -> None:
@@ -54,6 +56,10 @@ def test_good_specs(spec: str) -> None:
         ("rbd:a/b?user=x", "unknown option 'user=x'"),
         ("rbd:a/b?timeout=0", "timeout must be"),
         ("rbd:a/b?timeout=1.5", "timeout must be"),
+        ("rbd:a/b?queue_depth=0", "queue_depth must be a whole number from 1 to 64, not '0'"),
+        ("rbd:a/b?queue_depth=65", "queue_depth must be"),
+        ("rbd:a/b?queue_depth=-1", "queue_depth must be"),
+        ("rbd:a/b?queue_depth=", "unknown option 'queue_depth='"),
     ],
 )
 def test_bad_specs(spec: str, why: str) -> None:
@@ -62,15 +68,17 @@ def test_bad_specs(spec: str, why: str) -> None:
 
 
 def test_spec_options() -> None:
-    target = split_rbd_argument("p/i?conf=/c&id=abuse&keyring=/k%3F&timeout=7")
-    assert (target.pool, target.image, target.conf, target.client_id, target.keyring, target.timeout) == (
-        "p",
-        "i",
-        "/c",
-        "abuse",
-        "/k?",
-        7,
-    )
+    target = split_rbd_argument("p/i?conf=/c&id=abuse&keyring=/k%3F&timeout=7&queue_depth=3")
+    assert (
+        target.pool,
+        target.image,
+        target.conf,
+        target.client_id,
+        target.keyring,
+        target.timeout,
+        target.queue_depth,
+    ) == ("p", "i", "/c", "abuse", "/k?", 7, 3)
+    assert split_rbd_argument("p/i").queue_depth == 8
 
 
 def test_every_operation_and_workers_see_each_other(cluster: Cluster) -> None:
@@ -161,6 +169,33 @@ def test_fence_blocklists_a_client(cluster: Cluster) -> None:
             buf = bytearray(4096)
             new.read(0, memoryview(buf))
             assert buf == b"o" * 4096
+
+
+def test_started_reads_and_writes_overlap_and_fail_alone(cluster: Cluster) -> None:
+    """librbd aio: many started at once, each read's data in its buffer when its finish returns."""
+    image = cluster.create_image("aio", "16M")
+    spec = cluster.spec(image, queue_depth="3")
+    with open_backend(spec, 16 * MiB) as backend, open_backend(spec, 16 * MiB) as supervisor:
+        assert backend.queue_depth == 3
+        identity = backend.open_worker()
+        blocks = [os.urandom(64 * 1024) for _ in range(16)]
+        finishes = [backend.start_write(i * MiB, memoryview(block)) for i, block in enumerate(blocks)]
+        for finish in finishes:
+            finish()
+        bufs = [bytearray(64 * 1024) for _ in blocks]
+        finishes = [backend.start_read(i * MiB, memoryview(buf)) for i, buf in enumerate(bufs)]
+        for finish in finishes:
+            finish()  # the read's data is there now, not when librbd's own wait returns
+        assert bufs == blocks
+        supervisor.fence(identity)
+        finish = backend.start_write(0, memoryview(b"s" * 4096))
+        with pytest.raises(OSError) as refused:
+            finish()
+        assert refused.value.errno == errno.ESHUTDOWN  # EBLOCKLISTED, answered to that request alone
+    with open_backend(cluster.spec(image), 16 * MiB) as reader:
+        buf = bytearray(64 * 1024)
+        reader.read(0, memoryview(buf))
+        assert buf == blocks[0]
 
 
 def _stalling_target(index: int, backend: Backend, batch: int) -> None:

@@ -13,12 +13,12 @@ import logging
 import mmap
 import os
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, Callable
 
 import pytest
 
 from abuse import DiskConfig, DiskInfo, ModuleFeatures, Worker, uapi
-from abuse.backends.base import Backend
+from abuse.backends.base import Backend, overlaps
 from abuse.control import COUNTER_FIELDS
 
 SIZE = 1 << 20
@@ -298,5 +298,116 @@ def test_hot_path_keeps_nothing_and_copies_no_data(control: FakeControl) -> None
             tracemalloc.stop()
         assert peak - before < length // 4, f"peak grew by {peak - before} bytes over 4000 requests"
         assert after - before < 1024, f"{after - before} bytes kept after 4000 requests"
+    finally:
+        worker.close()
+
+
+# --- overlapped backends (start_read/start_write) --------------------------------
+
+
+class Overlapped(Recorder):
+    """Starts reads and writes and finishes them only when the worker waits.
+
+    ``calls`` records each start and each finish in order; a read's data
+    lands at its finish, as librbd's aio_read delivers it.
+    """
+
+    queue_depth = 4
+
+    def start_read(self, offset: int, buf: memoryview) -> Callable[[], None]:
+        self._call("start_read", offset, len(buf))
+
+        def finish() -> None:
+            self._call("finish_read", offset)
+            buf[:] = self.data[offset : offset + len(buf)]
+
+        return finish
+
+    def start_write(self, offset: int, data: memoryview) -> Callable[[], None]:
+        self._call("start_write", offset, bytes(data))
+
+        def finish() -> None:
+            self._call("finish_write", offset)
+            self.data[offset : offset + len(data)] = data
+
+        return finish
+
+
+def test_overlaps_needs_both_start_methods() -> None:
+    class ReadsOnly(Recorder):
+        def start_read(self, offset: int, buf: memoryview) -> Callable[[], None]:
+            return super().start_read(offset, buf)
+
+    assert overlaps(Overlapped()) and not overlaps(Recorder()) and not overlaps(ReadsOnly())
+
+
+def test_overlapped_batch_starts_every_read_and_write_before_waiting(control: FakeControl) -> None:
+    backend = Overlapped()
+    backend.data[8192:12288] = b"r" * 4096
+    worker = make(control, backend)
+    try:
+        put_payload(worker, 1, b"w" * 4096)
+        replies = batch(worker, (READ, 0, 8192, 4096), (WRITE, 0, 0, 4096), (READ, 0, 16384, 4096))
+        assert [reply[3] for reply in replies] == [0, 0, 0]
+        assert [call[0] for call in backend.calls] == [
+            "start_read", "start_write", "start_read", "finish_read", "finish_write", "finish_read",
+        ]  # fmt: skip
+        assert bytes(worker._view[:4096]) == b"r" * 4096 and backend.data[:4096] == b"w" * 4096
+        assert worker._xfer.limit == 4, "the backend's queue_depth, not a time budget, bounds the batch"
+        assert worker._xfer.arg.buffer_size == 2 << 20, "queue_bytes bounds the payload in flight"
+    finally:
+        worker.close()
+
+
+def test_overlapped_flush_and_fua_wait_for_what_was_started_before(control: FakeControl) -> None:
+    backend = Overlapped()
+    worker = make(control, backend)
+    try:
+        put_payload(worker, 0, b"a" * 4096)
+        put_payload(worker, 2, b"b" * 4096)
+        replies = batch(
+            worker, (WRITE, 0, 0, 4096), (FLUSH, 0, 0, 0), (WRITE, FUA, 8192, 4096), (DISCARD, 0, 0, 4096)
+        )
+        assert [reply[3] for reply in replies] == [0, 0, 0, 0]
+        assert [call[0] for call in backend.calls] == [
+            "start_write", "finish_write", "flush",
+            "start_write", "finish_write", "flush",
+            "discard",
+        ]  # fmt: skip
+    finally:
+        worker.close()
+
+
+@pytest.mark.parametrize("where", ["start_write", "finish_write", "start_read", "finish_read"])
+def test_overlapped_failures_answer_only_their_request(control: FakeControl, where: str) -> None:
+    backend = Overlapped()
+    backend.fail[where] = OSError(errno.EROFS, "read-only")
+    worker = make(control, backend)
+    try:
+        op = WRITE if where.endswith("write") else READ
+        replies = batch(worker, (READ if op == WRITE else WRITE, 0, 0, 4096), (op, FUA, 4096, 4096))
+        assert [reply[3] for reply in replies] == [0, -errno.EROFS]
+        assert ("flush",) not in backend.calls or op == READ, "no flush after a failed write"
+    finally:
+        worker.close()
+
+
+def test_tokens_or_in_place_take_the_plain_path(control: FakeControl) -> None:
+    class MappedOverlapped(Overlapped, Mapped):
+        pass
+
+    class TokensOverlapped(Overlapped):
+        wants_tokens = True
+
+    backend = MappedOverlapped()
+    worker = make(control, backend)
+    try:
+        assert worker.in_place and not worker._overlapped
+    finally:
+        worker.close()
+        backend.map.close()
+    worker = make(control, TokensOverlapped())
+    try:
+        assert worker._tokens is not None and not worker._overlapped
     finally:
         worker.close()

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from types import TracebackType
 
-__all__ = ["API_VERSION", "CAPABILITIES", "Backend", "capabilities"]
+__all__ = ["API_VERSION", "CAPABILITIES", "Backend", "Finish", "capabilities", "overlaps"]
+
+#: What :meth:`Backend.start_read` and :meth:`Backend.start_write` return:
+#: called once, it waits for the operation and raises as read/write would.
+Finish = Callable[[], None]
 
 _ZEROES = bytes(1 << 20)
 
@@ -100,6 +105,35 @@ class Backend:
         """
         return None
 
+    # Overlapped I/O.  A backend whose store answers many operations at
+    # once (librbd's aio_read/aio_write) overrides both start_ methods: the
+    # worker then starts every read and write of a batch before it waits
+    # for any, so one worker keeps a whole batch in flight.  The batch is
+    # bounded by ``queue_depth`` requests and ``queue_bytes`` of payload,
+    # so that what a worker holds is all in flight and a slow store is not
+    # sent more than it answers within its timeouts.  The defaults run
+    # the operation at once.
+
+    #: With start_read/start_write: requests one worker keeps in flight.
+    queue_depth = 8
+    #: With start_read/start_write: payload bytes one worker keeps in flight
+    #: (at least one request of the disk's largest size).
+    queue_bytes = 2 << 20
+
+    def start_read(self, offset: int, buf: memoryview) -> Finish:
+        """Start filling ``buf`` with the bytes at ``offset``; return its :data:`Finish`."""
+        self.read(offset, buf)
+        return _done
+
+    def start_write(self, offset: int, data: memoryview) -> Finish:
+        """Start storing ``data`` at ``offset``; return its :data:`Finish`.
+
+        ``data`` is the worker's buffer: it stays untouched until the
+        finish has been called.
+        """
+        self.write(offset, data)
+        return _done
+
     def flush(self) -> None:
         """Make every completed write durable."""
 
@@ -182,3 +216,13 @@ def _explicit(cls: type, flag: str) -> bool:
 def capabilities(backend: Backend) -> dict[str, bool]:
     """The capability flags of ``backend``, by name (``can_flush``, ...)."""
     return {flag: bool(getattr(backend, flag)) for flag in CAPABILITIES}
+
+
+def overlaps(backend: Backend) -> bool:
+    """Whether ``backend`` overrides both :meth:`Backend.start_read` and :meth:`Backend.start_write`."""
+    kind = type(backend)
+    return kind.start_read is not Backend.start_read and kind.start_write is not Backend.start_write
+
+
+def _done() -> None:
+    pass

@@ -2,14 +2,16 @@
 
 The spec's options follow ``file:``'s shape::
 
-    rbd:POOL/IMAGE?conf=/etc/ceph/ceph.conf&id=admin&keyring=PATH&timeout=30
+    rbd:POOL/IMAGE?conf=/etc/ceph/ceph.conf&id=admin&keyring=PATH&timeout=30&queue_depth=8
 
 ``conf`` is the cluster's ceph.conf (default: librados's search path),
 ``id`` the client name without ``client.`` (default ``admin``),
 ``keyring`` overrides the conf's keyring, ``timeout`` (whole seconds,
 default 10) bounds connecting (client_mount_timeout) and every operation
 (rados_osd_op_timeout, rados_mon_op_timeout): a request whose operation
-times out (the cluster went away) fails with EIO.  Keep it below half
+times out (the cluster went away) fails with EIO.  ``queue_depth``
+(default 8, at most 64) is how many reads and writes one worker keeps
+in flight through librbd's aio calls (1: one at a time).  Keep it below half
 the disk's ``--timeout`` (30 s by default), when the pool's liveness
 check kills a silent worker: a killed worker's requests are requeued,
 and a cluster that stays away would then hold them for ever instead of
@@ -44,17 +46,20 @@ import errno
 import json
 import logging
 import os
+import threading
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote
 
-from abuse.backends.base import Backend
+from abuse.backends.base import Backend, Finish
 
-__all__ = ["FENCE_EXPIRE", "RbdBackend", "RbdTarget", "split_rbd_argument"]
+__all__ = ["FENCE_EXPIRE", "MAX_QUEUE_DEPTH", "RbdBackend", "RbdTarget", "split_rbd_argument"]
 
 log = logging.getLogger(__name__)
 
-_OPTIONS = ("conf", "id", "keyring", "timeout")
+_OPTIONS = ("conf", "id", "keyring", "timeout", "queue_depth")
+#: The most operations one worker may keep in flight (``queue_depth``).
+MAX_QUEUE_DEPTH = 64
 #: Seconds a fenced worker's client stays blocklisted: long after its
 #: process is dead and the OSDs have dropped its connections.
 FENCE_EXPIRE = 600.0
@@ -72,6 +77,7 @@ class RbdTarget:
     client_id: str = "admin"
     keyring: str | None = None
     timeout: int = 10
+    queue_depth: int = 8
 
     @property
     def name(self) -> str:
@@ -99,6 +105,12 @@ def split_rbd_argument(argument: str) -> RbdTarget:
         if not value.isdigit() or not 0 < int(value) < 1_000_000:
             raise ValueError(f"timeout must be a whole number of seconds > 0, not {value!r}")
         timeout = int(value)
+    queue_depth = 8
+    if "queue_depth" in options:
+        value = options["queue_depth"]
+        if not value.isdigit() or not 0 < int(value) <= MAX_QUEUE_DEPTH:
+            raise ValueError(f"queue_depth must be a whole number from 1 to {MAX_QUEUE_DEPTH}, not {value!r}")
+        queue_depth = int(value)
     return RbdTarget(
         pool,
         image,
@@ -106,6 +118,7 @@ def split_rbd_argument(argument: str) -> RbdTarget:
         client_id=options.get("id", "admin"),
         keyring=options.get("keyring"),
         timeout=timeout,
+        queue_depth=queue_depth,
     )
 
 
@@ -136,6 +149,44 @@ def _failed(what: str, err: Exception) -> OSError:
     else:
         log.warning("%s failed: %s", what, err)
     return OSError(code, f"{what}: {err}")
+
+
+class _Pending:
+    """One started librbd aio call; calling it waits for it (a :data:`Finish`).
+
+    The wait is on our own event, set at the end of the callback: librbd's
+    ``wait_for_complete_and_cb`` can return before a read's callback (which
+    brings its data) has run.  librbd calls back for every operation,
+    failed or timed out (rados_osd_op_timeout), so the wait ends.
+    """
+
+    def __init__(self, what: str, buf: memoryview | None = None, payload: bytes = b"") -> None:
+        self.what = what
+        self.buf = buf  # a read's destination
+        self.payload = payload  # a write's data, referenced until it completes
+        self.code = 0
+        self.done = threading.Event()
+
+    def on_complete(self, completion: Any, data: bytes | None = None) -> None:
+        """librbd's callback, in one of its threads: keep the result, copy a read's data."""
+        try:
+            self.code = int(completion.get_return_value())
+            if self.buf is not None and self.code >= 0:
+                if data is None or len(data) != len(self.buf):
+                    self.code = -errno.EIO
+                else:
+                    self.buf[:] = data
+        except BaseException:
+            self.code = -errno.EIO
+            raise
+        finally:
+            self.done.set()
+
+    def __call__(self) -> None:
+        self.done.wait()
+        self.payload = b""
+        if self.code < 0:
+            raise _failed(self.what, OSError(-self.code, os.strerror(-self.code)))
 
 
 class _Session:
@@ -251,6 +302,7 @@ class RbdBackend(Backend):
     def __init__(self, target: RbdTarget, size: int) -> None:
         self.target = target
         self.size = size
+        self.queue_depth = target.queue_depth
         self._session: _Session | None = None
         _, rbd = _bindings()
         session = _Session(target)
@@ -306,6 +358,31 @@ class RbdBackend(Backend):
             image.write(bytes(data), offset)
         except Exception as err:
             raise _failed(f"rbd write at {offset}", err) from None
+
+    # Overlapped: the worker starts a whole batch (at most queue_depth
+    # requests and queue_bytes, 2 MiB) through librbd's aio calls, then
+    # waits for each; one worker keeps that much in flight, as krbd and
+    # rbd-nbd keep their queue depth.  The bound keeps every operation
+    # well inside rados_osd_op_timeout on a slow cluster.
+
+    def start_read(self, offset: int, buf: memoryview) -> Finish:
+        image = self._image()
+        pending = _Pending(f"rbd read at {offset}", buf)
+        try:
+            image.aio_read(offset, len(buf), pending.on_complete)
+        except Exception as err:
+            raise _failed(pending.what, err) from None
+        return pending
+
+    def start_write(self, offset: int, data: memoryview) -> Finish:
+        image = self._image()
+        # librbd reads the bytes until the write completes: _Pending keeps them.
+        pending = _Pending(f"rbd write at {offset}", payload=bytes(data))
+        try:
+            image.aio_write(pending.payload, offset, pending.on_complete)
+        except Exception as err:
+            raise _failed(pending.what, err) from None
+        return pending
 
     def flush(self) -> None:
         image = self._image()
