@@ -16,7 +16,8 @@ worker-scaling jobs), ``batching`` (one worker, by requests per GET) and
 with 1, 4 and 16 workers at QD32).  ``ceph``, only when asked for (its
 cluster takes minutes to start under TCG): one single-node cluster
 (scripts/ceph-cluster), one 256 MiB image per target, written once, then
-abuse ``rbd:`` with 1 and 4 workers, rbd-nbd and krbd on the same jobs,
+abuse ``rbd:`` with 1 and 4 workers (and 4 at queue_depth=1, one librbd
+call at a time per worker), rbd-nbd and krbd on the same jobs,
 reported as ratios to krbd.
 """
 
@@ -254,9 +255,10 @@ def rbd_image(conf: Path, name: str) -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def abuse_rbd_disk(conf: Path, workers: int, batch: int) -> Iterator[Device]:
-    with rbd_image(conf, f"rbd/abuse-{workers}w") as name:
-        with abuse_disk(CEPH_SIZE, f"rbd:{name}?conf={conf}", workers, batch) as device:
+def abuse_rbd_disk(conf: Path, workers: int, batch: int, queue_depth: int = 8) -> Iterator[Device]:
+    with rbd_image(conf, f"rbd/abuse-{workers}w-qd{queue_depth}") as name:
+        spec = f"rbd:{name}?conf={conf}&queue_depth={queue_depth}"
+        with abuse_disk(CEPH_SIZE, spec, workers, batch) as device:
             yield device
 
 
@@ -289,6 +291,8 @@ def ceph_targets(conf: Path, batch: int) -> dict[str, Any]:
         "ceph-rbd-nbd": lambda: rbd_nbd_disk(conf),
         "ceph-abuse-1w": lambda: abuse_rbd_disk(conf, 1, batch),
         "ceph-abuse-4w": lambda: abuse_rbd_disk(conf, 4, batch),
+        # one librbd call at a time per worker, as before queue_depth: what the aio window gains
+        "ceph-abuse-4w-qd1": lambda: abuse_rbd_disk(conf, 4, batch, queue_depth=1),
     }
 
 
