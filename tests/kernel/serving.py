@@ -20,6 +20,8 @@ import psutil
 from tests.kernel.conftest import run
 
 ABUSECTL = [sys.executable, "-m", "abusectl"]
+# The output file of each pool start_pool started, by pid, until stop_pool reads it.
+_POOL_LOGS: dict[int, Any] = {}
 
 
 def abusectl(*args: str) -> str:
@@ -51,15 +53,22 @@ def start_pool(dev: str, backend: str, workers: int) -> subprocess.Popen[str]:
     Not merely once its workers exist or the disk counts them attached: a
     worker attaches before it tells the pool so, and a worker stopped in
     between is one the pool's liveness check does not yet watch.
+
+    The pool's output goes to an unlinked file, not a pipe: a pool that
+    logs a failure per request would fill a pipe nobody reads until
+    :func:`stop_pool`, and its workers would then block in write(2).
     """
+    log = tempfile.TemporaryFile("w+", prefix="abuse-pool-")
     serve, ready = start_ready(
         [*ABUSECTL, "serve", dev, "--backend", backend, "--workers", str(workers)],
-        stdout=subprocess.PIPE,
+        stdout=log,
         stderr=subprocess.STDOUT,
         text=True,
         start_new_session=True,
     )
-    assert ready, serve.communicate()[0]
+    _POOL_LOGS[serve.pid] = log
+    if not ready:
+        raise AssertionError(stop_pool(serve))
     return serve
 
 
@@ -108,8 +117,12 @@ def worker_pids(serve: subprocess.Popen[str]) -> list[int]:
 
 
 def stop_pool(serve: subprocess.Popen[str]) -> str:
-    """Stop the pool (SIGCONT it and its workers first); its output, once."""
-    if serve.stdout is None or serve.stdout.closed:
+    """Stop the pool (SIGCONT it and its workers first); its output, once.
+
+    The output is read from start_pool's file, else from the pool's stdout pipe.
+    """
+    log = _POOL_LOGS.pop(serve.pid, None)
+    if log is None and (serve.stdout is None or serve.stdout.closed):
         return ""
     if serve.poll() is None:
         serve.send_signal(signal.SIGCONT)  # a test that stopped it may have failed before continuing it
@@ -119,8 +132,13 @@ def stop_pool(serve: subprocess.Popen[str]) -> str:
             except ProcessLookupError:
                 pass
         serve.send_signal(signal.SIGTERM)
-    out, _ = serve.communicate(timeout=60)
-    return out
+    if log is None:
+        out, _ = serve.communicate(timeout=60)
+        return str(out)
+    serve.wait(timeout=60)
+    with log:
+        log.seek(0)
+        return log.read()
 
 
 def pool_rss(serve: subprocess.Popen[str]) -> int:
