@@ -171,6 +171,55 @@ def test_fence_blocklists_a_client(cluster: Cluster) -> None:
             assert buf == b"o" * 4096
 
 
+def test_forked_workers_have_their_own_client_and_fence_alone(cluster: Cluster) -> None:
+    """Workers forked after the supervisor's check each get their own RADOS address.
+
+    They once all drew the supervisor's nonce: the OSD swapped their
+    sessions at every operation, and a fence of one refused them all.
+    """
+    image = cluster.create_image("forked", "8M")
+    spec = cluster.spec(image)
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGUSR1])  # the children inherit it
+    try:
+        _fork_workers_and_fence_one(spec)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+
+
+def _fork_workers_and_fence_one(spec: str) -> None:
+    with open_backend(spec, 8 * MiB) as backend:  # the supervisor connected to check the image
+        children = []
+        for _ in range(3):
+            reader, writer = os.pipe()
+            pid = os.fork()
+            if pid == 0:  # a worker: say its identity, then write once the parent says go
+                os.close(reader)
+                signal.alarm(60)  # a worker that hangs dies; the parent then fails, not hangs
+                code = 1
+                try:
+                    os.write(writer, backend.open_worker().encode() + b"\n")
+                    os.close(writer)
+                    signal.sigwait([signal.SIGUSR1])
+                    try:
+                        backend.write(0, memoryview(b"w" * 4096))
+                        code = 0
+                    except OSError as err:
+                        code = err.errno or 1
+                finally:
+                    os._exit(code)
+            os.close(writer)
+            with os.fdopen(reader) as lines:  # empty if the worker died first
+                children.append((pid, lines.readline().strip()))
+        identities = [identity for _, identity in children]
+        assert len(set(identities)) == 3, identities
+        backend.fence(identities[0])
+        codes = []
+        for pid, _ in children:
+            os.kill(pid, signal.SIGUSR1)
+            codes.append(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
+        assert codes == [errno.ESHUTDOWN, 0, 0]  # only the fenced worker is refused
+
+
 def test_started_reads_and_writes_overlap_and_fail_alone(cluster: Cluster) -> None:
     """librbd aio: many started at once, each read's data in its buffer when its finish returns."""
     image = cluster.create_image("aio", "16M")

@@ -189,6 +189,34 @@ class _Pending:
             raise _failed(self.what, OSError(-self.code, os.strerror(-self.code)))
 
 
+def _connect_in_a_fresh_thread(cluster: Any) -> None:
+    """``cluster.connect()``, called from a thread that never used Ceph before.
+
+    connect() draws the client's address nonce from a random engine that
+    Ceph keeps per thread (ceph::util::generate_random_number), seeded on
+    its first use.  A pool's workers are forked from the supervisor after
+    it connected once to check the image: in each one the main thread's
+    engine is the supervisor's, in the same state, so every worker drew
+    the same nonce.  The OSD then took each worker's connection for the
+    others' (one session replaced another at every operation: 4 workers
+    served 5 IOPS where 1 served 72 under TCG), and fencing one worker's
+    address blocklisted them all.  A new thread has a new engine.
+    """
+    failure: list[BaseException] = []
+
+    def connect() -> None:
+        try:
+            cluster.connect()
+        except BaseException as err:
+            failure.append(err)
+
+    thread = threading.Thread(target=connect, name="rados-connect")
+    thread.start()
+    thread.join()
+    if failure:
+        raise failure[0]
+
+
 class _Session:
     """One connection to the cluster; the image opened on it if asked."""
 
@@ -222,7 +250,7 @@ class _Session:
             for key, value in settings.items():
                 cluster.conf_set(key, value)
             try:
-                cluster.connect()
+                _connect_in_a_fresh_thread(cluster)
             except rados.Error as err:
                 raise OSError(
                     _errno(err),
