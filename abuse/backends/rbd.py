@@ -99,13 +99,13 @@ def split_rbd_argument(argument: str) -> RbdTarget:
         if key not in _OPTIONS or not equals or not value:
             raise ValueError(f"unknown option {option!r} (rbd:POOL/IMAGE?{'=...&'.join(_OPTIONS)}=...)")
         options[key] = unquote(value)
-    timeout = 10
+    timeout = RbdTarget.timeout
     if "timeout" in options:
         value = options["timeout"]
         if not value.isdigit() or not 0 < int(value) < 1_000_000:
             raise ValueError(f"timeout must be a whole number of seconds > 0, not {value!r}")
         timeout = int(value)
-    queue_depth = 8
+    queue_depth = RbdTarget.queue_depth
     if "queue_depth" in options:
         value = options["queue_depth"]
         if not value.isdigit() or not 0 < int(value) <= MAX_QUEUE_DEPTH:
