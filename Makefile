@@ -26,7 +26,7 @@ TEST_KVER := $(if $(filter command line environment,$(origin KVER)),$(KVER),$(GU
 PYTHON := .venv/bin/python
 PYTEST := $(PYTHON) -m pytest -p no:cacheprovider
 
-.PHONY: all deps module module-guest test test-host test-kernel test-kernel-6.12 test-faults test-ceph run bench check clean \
+.PHONY: all deps module module-guest test test-host test-kernel test-kernel-6.12 test-faults test-ceph test-faults-ceph run bench check clean \
 	debug-kernel test-debug test-detectors \
 	load unload install install-module install-files install-python dkms-install
 
@@ -53,8 +53,7 @@ test: deps
 	scripts/timed test-host $(MAKE) test-host
 	scripts/timed test-kernel $(MAKE) test-kernel
 	scripts/timed test-kernel-6.12 $(MAKE) test-kernel-6.12
-	scripts/timed test-faults $(MAKE) test-faults
-	scripts/timed test-ceph $(MAKE) test-ceph
+	scripts/timed test-faults+ceph $(MAKE) test-faults-ceph
 
 test-host:
 	$(PYTEST) -q tests --ignore=tests/kernel
@@ -104,9 +103,15 @@ test-faults:
 
 # The Ceph tier (tests/kernel/test_rbd.py), in its own boot: a
 # single-node cluster in the guest (scripts/ceph-cluster), rbd: disks
-# against it, krbd beside them.  About 13 minutes beside another guest.
+# against it, krbd beside them.  About 13 minutes beside another guest;
+# make test runs it in the fault suite's boot (test-faults-ceph below).
 test-ceph:
 	KVER=$(TEST_KVER) OUT=$(CURDIR)/build/ceph scripts/kernel-tier tests/kernel/test_rbd.py
+
+# make test's last step: the fault suite, then the Ceph tier, in one boot
+# (a boot, the module's load and the guest's Python start-up saved).
+test-faults-ceph:
+	KVER=$(TEST_KVER) OUT=$(CURDIR)/build/faults ABUSE_SEED=$(SEED) scripts/kernel-tier tests/kernel/faults tests/kernel/test_rbd.py
 
 # The debug kernel (KASAN, lockdep, kmemleak, debug objects: see
 # RELIABILITY.md), built once into /var/cache/abuse (about an hour on

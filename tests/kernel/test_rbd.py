@@ -196,13 +196,21 @@ def test_wedged_worker_is_blocklisted_and_its_late_write_refused(
     wait_for(lambda: not _running(held_by), timeout=60)
 
 
-def _serve_fails(*args: str) -> str:
-    done = subprocess.run(
-        [*ABUSECTL, "serve", *args], capture_output=True, text=True, timeout=300, check=False
+def _start_serve(*args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [*ABUSECTL, "serve", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
-    assert done.returncode == 1, (done.returncode, done.stdout, done.stderr)
-    lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("abusectl: "), done.stderr
+
+
+def _failed_in_one_line(serve: subprocess.Popen[str]) -> str:
+    """The one line a ``serve`` that must fail printed, once it exited with 1."""
+    try:
+        out, err = serve.communicate(timeout=300)
+    finally:
+        serve.kill()
+    assert serve.returncode == 1, (serve.returncode, out, err)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("abusectl: "), err
     return lines[0]
 
 
@@ -221,9 +229,12 @@ def test_bad_input_fails_at_start_in_one_line(cluster: Cluster, tmp_path: Path) 
         f"rbd:rbd/{image}?conf={down}&timeout=3": "no monitor answered within 3 s",
         cluster.spec(locked): f"rbd feature disable rbd/{locked} exclusive-lock",
     }
+    # All at once: each one's cost is Python's start-up and its wait for
+    # the cluster, and none of them touches another's image or disk.
+    started = {spec: _start_serve("--create", "64M", "--backend", spec, "--workers", "2") for spec in cases}
+    lines = {spec: _failed_in_one_line(serve) for spec, serve in started.items()}
     for spec, message in cases.items():
-        line = _serve_fails("--create", "64M", "--backend", spec, "--workers", "2")
-        assert message in line, line
+        assert message in lines[spec], (spec, lines[spec])
     assert abusectl("list") == disks_before  # nothing was created
 
 
