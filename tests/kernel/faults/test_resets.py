@@ -9,7 +9,7 @@ import subprocess
 import time
 
 from abuse.control import Control
-from tests.kernel.conftest import wait_for
+from tests.kernel.conftest import asleep_in_driver, wait_for
 from tests.kernel.faults import tally
 from tests.kernel.faults.workload import (
     assert_settled,
@@ -35,12 +35,15 @@ def test_reset_loop_during_fio_verify(rng: random.Random) -> None:
         # fio rounds until 30 resets, some of them on requests in flight: a
         # loaded guest starts `abusectl` slowly, and one round may see only
         # a few; on the debug kernel 41 resets once all missed.  At most 10.
-        rounds = 0
+        # So one in ten resets first stops a worker that holds requests.
+        rounds = held = 0
         while (resets < 30 or not sysfs_counters(dev)["requeued"]) and rounds < 10:
             rounds += 1
             job = start_fio_verify(dev, 30, size="64M", iodepth=32, extra=("--bsrange=4k-64k",))
             while job.poll() is None:
-                if resets % 20 == 0:
+                if resets % 10 == 5 and _reset_while_a_worker_holds_requests(dev, serve, control, index):
+                    held += 1
+                elif resets % 20 == 0:
                     abusectl("reset", dev)
                 else:
                     control.reset(index)
@@ -49,10 +52,51 @@ def test_reset_loop_during_fio_verify(rng: random.Random) -> None:
             finish_fio(job)
         counters = assert_settled(dev)
         assert counters["errors"] == 0, counters
-    print(f"{resets} resets, {counters['requeued']} requests requeued, {counters['rejected']} late replies")
+    print(
+        f"{resets} resets ({held} with a worker stopped while it held requests),"
+        f" {counters['requeued']} requests requeued, {counters['rejected']} late replies"
+    )
     assert resets >= 30, resets
     assert counters["requeued"] > 0, counters
     tally.add("resets", resets)
+
+
+def _reset_while_a_worker_holds_requests(
+    dev: str, serve: subprocess.Popen[str], control: Control, index: int
+) -> bool:
+    """Stop a worker that is not asleep in GET and reset while requests are held.
+
+    Whether it reset.  Resets at random moments alone can all miss: the
+    test runs when a worker gives up its CPU, which is mostly when it
+    sleeps in GET and holds nothing (on the debug kernel, 2026-12-01, 201
+    resets in ten rounds met no request in flight).
+    """
+    victim = next((pid for pid in worker_pids(serve) if not asleep_in_driver(f"/proc/{pid}")), None)
+    if victim is None:
+        return False
+    try:
+        os.kill(victim, signal.SIGSTOP)
+        # A stop takes effect on the way back to user space: wait for it,
+        # so that the victim cannot answer what it holds before the reset.
+        wait_for(lambda: _state(victim) in "TtZX", timeout=60)
+        if sysfs_counters(dev)["in_flight"] == 0:
+            return False
+        control.reset(index)
+        return True
+    finally:
+        try:
+            os.kill(victim, signal.SIGCONT)
+        except ProcessLookupError:  # the pool replaced it meanwhile
+            pass
+
+
+def _state(pid: int) -> str:
+    """The process's state letter (X once it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return "X"
 
 
 def test_reset_fail_gives_eio_and_the_disk_works_after(rng: random.Random) -> None:
