@@ -204,10 +204,7 @@ def _start_serve(*args: str) -> subprocess.Popen[str]:
 
 def _failed_in_one_line(serve: subprocess.Popen[str]) -> str:
     """The one line a ``serve`` that must fail printed, once it exited with 1."""
-    try:
-        out, err = serve.communicate(timeout=300)
-    finally:
-        serve.kill()
+    out, err = serve.communicate(timeout=300)
     assert serve.returncode == 1, (serve.returncode, out, err)
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("abusectl: "), err
@@ -232,7 +229,11 @@ def test_bad_input_fails_at_start_in_one_line(cluster: Cluster, tmp_path: Path) 
     # All at once: each one's cost is Python's start-up and its wait for
     # the cluster, and none of them touches another's image or disk.
     started = {spec: _start_serve("--create", "64M", "--backend", spec, "--workers", "2") for spec in cases}
-    lines = {spec: _failed_in_one_line(serve) for spec, serve in started.items()}
+    try:
+        lines = {spec: _failed_in_one_line(serve) for spec, serve in started.items()}
+    finally:
+        for serve in started.values():
+            serve.kill()  # any still running after a failure; a no-op for the rest
     for spec, message in cases.items():
         assert message in lines[spec], (spec, lines[spec])
     assert abusectl("list") == disks_before  # nothing was created

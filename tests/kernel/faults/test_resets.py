@@ -8,6 +8,8 @@ import signal
 import subprocess
 import time
 
+import psutil
+
 from abuse.control import Control
 from tests.kernel.conftest import asleep_in_driver, wait_for
 from tests.kernel.faults import tally
@@ -78,7 +80,7 @@ def _reset_while_a_worker_holds_requests(
         os.kill(victim, signal.SIGSTOP)
         # A stop takes effect on the way back to user space: wait for it,
         # so that the victim cannot answer what it holds before the reset.
-        wait_for(lambda: _state(victim) in "TtZX", timeout=60)
+        wait_for(lambda: not _runs(victim), timeout=60)
         if sysfs_counters(dev)["in_flight"] == 0:
             return False
         control.reset(index)
@@ -90,13 +92,15 @@ def _reset_while_a_worker_holds_requests(
             pass
 
 
-def _state(pid: int) -> str:
-    """The process's state letter (X once it is gone)."""
+def _runs(pid: int) -> bool:
+    """Whether ``pid`` can still run code: not stopped, not a zombie, not gone."""
     try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, ProcessLookupError):
-        return "X"
+        return psutil.Process(pid).status() not in _HALTED
+    except psutil.NoSuchProcess:
+        return False
+
+
+_HALTED = (psutil.STATUS_STOPPED, psutil.STATUS_TRACING_STOP, psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD)
 
 
 def test_reset_fail_gives_eio_and_the_disk_works_after(rng: random.Random) -> None:
