@@ -60,6 +60,9 @@ MODULE_PARM_DESC(spin_max_us,
 /*
  * Where a request is.  Only the holder of dev->lock moves a request
  * between states, and only the path that moves it to IDLE ends it.
+ * queue_rq hands a request over without the lock (dev->submitted): it
+ * stays IDLE there until a holder of the lock moves it to QUEUED
+ * (abuse_take_submitted).
  */
 enum abuse_cmd_state {
 	ABUSE_CMD_IDLE,		/* not ours: never queued, or being ended */
@@ -73,6 +76,7 @@ struct abuse_worker;
 /* Per-request driver data (blk-mq pdu).  Under dev->lock. */
 struct abuse_cmd {
 	struct list_head node;	/* on dev->queue while QUEUED */
+	struct llist_node submitted; /* on dev->submitted, lock-free */
 	struct abuse_worker *holder; /* IN_FLIGHT/BUSY: who has it */
 	u64 queued_ns;		/* QUEUED: when it (re)entered the queue */
 	unsigned long handed_out; /* IN_FLIGHT/BUSY: jiffies of the GET */
@@ -86,6 +90,11 @@ struct abuse_cmd {
 /* abuse_worker.flags */
 enum {
 	ABUSE_W_SERVING,	/* holds a batch, out of the driver */
+};
+
+/* abuse_device.flags */
+enum {
+	ABUSE_DEV_TIMER_ARMED,	/* wake_timer queued or running */
 };
 
 /*
@@ -129,6 +138,12 @@ struct abuse_device {
 	atomic_t nr_serving;		/* workers with ABUSE_W_SERVING */
 	/* EWMA of a batch's time out of the driver; racy, a hint */
 	u64 cycle_ns;
+	unsigned long flags;		/* ABUSE_DEV_*, atomic bitops */
+	/*
+	 * queue_rq's requests, newest first, taken onto @queue by the next
+	 * holder of @lock: submitting takes no lock (see "Dispatch").
+	 */
+	struct llist_head submitted;
 
 	spinlock_t lock;		/* protects all below and each abuse_cmd */
 	struct abuse_config config;	/* size and read-only change online */
@@ -138,7 +153,6 @@ struct abuse_device {
 	struct request **rqs;		/* by tag: every request not IDLE */
 	u64 last_token;			/* fencing token of the last hand-out */
 	struct abuse_worker *spinner;	/* the one GET polling for work */
-	bool timer_armed;		/* wake_timer queued or running */
 	u64 lock_since, lock_ns, lock_taken;	/* lock_stats */
 	bool dead;			/* destroyed: fail everything */
 };
@@ -352,6 +366,30 @@ static void abuse_set_state(struct abuse_device *dev, struct request *rq,
 }
 
 /*
+ * Move the requests queue_rq handed over lock-free onto dev->queue,
+ * oldest first, so that every holder of dev->lock sees one queue (and
+ * true counters).  Must hold dev->lock.
+ */
+static void abuse_take_submitted(struct abuse_device *dev)
+	__must_hold(&dev->lock)
+{
+	struct abuse_cmd *cmd, *next;
+	struct llist_node *first;
+
+	lockdep_assert_held(&dev->lock);
+	if (llist_empty(&dev->submitted))
+		return;
+	first = llist_reverse_order(llist_del_all(&dev->submitted));
+	llist_for_each_entry_safe(cmd, next, first, submitted) {
+		struct request *rq = blk_mq_rq_from_pdu(cmd);
+
+		dev->rqs[rq->tag] = rq;
+		abuse_set_state(dev, rq, ABUSE_CMD_QUEUED);
+		list_add_tail(&cmd->node, &dev->queue);
+	}
+}
+
+/*
  * Put @rq back on the queue with a new generation, so that a PUT from
  * its old holder is refused.  Must hold dev->lock; the caller wakes a
  * worker (abuse_wake) after unlocking.
@@ -460,6 +498,7 @@ static void abuse_fail_requests(struct abuse_device *dev,
 {
 	unsigned int tag;
 
+	abuse_take_submitted(dev);
 	for (tag = 0; tag < dev->config.queue_depth; tag++) {
 		struct request *rq = dev->rqs[tag];
 		struct abuse_cmd *cmd;
@@ -545,6 +584,15 @@ static unsigned int abuse_reclaim_in_flight(struct abuse_device *dev)
  *  - with no sleeper there is nothing to do: a worker about to sleep
  *    looks at the queue first;
  *  - otherwise one sleeper is woken at once.
+ *
+ * Submitting takes no lock: queue_rq pushes the request on
+ * dev->submitted (an llist) and decides the wake-up from atomics, and
+ * whoever takes dev->lock next (a GET, the wake timer, a timeout, RESET,
+ * DESTROY) moves what was submitted onto dev->queue.  So the disk's
+ * lock is taken per chunk of requests, by the workers, and never once
+ * per request by every submitting CPU (docs/SCALING.md).  Each check
+ * that queue_rq could race with pairs a full barrier on its side (the
+ * llist_add's cmpxchg, wq_has_sleeper's smp_mb) with one on the other.
  */
 
 /*
@@ -579,16 +627,16 @@ static void abuse_wake(struct abuse_device *dev, unsigned int nr)
 }
 
 /*
- * A request was queued: decide how its worker is found (see above).
- * Must hold dev->lock.  Returns true if the caller must wake a sleeper
- * at once after unlocking.
+ * A request was queued at @since, the oldest one waiting: decide how
+ * its worker is found (see above).  Needs no lock.  Returns true if the
+ * caller must wake a sleeper at once.
  */
-static bool abuse_enqueued(struct abuse_device *dev)
-	__must_hold(&dev->lock)
+static bool abuse_enqueued(struct abuse_device *dev, u64 since)
 {
 	u64 bound;
 
-	if (dev->spinner)
+	/* The poller looks at the queue once more as it stops. */
+	if (READ_ONCE(dev->spinner))
 		return false;
 	/*
 	 * No sleeper, nothing to wake, no timer to arm: a worker going to
@@ -602,16 +650,11 @@ static bool abuse_enqueued(struct abuse_device *dev)
 	bound = abuse_wake_bound(dev);
 	if (!bound)
 		return true;
-	if (!dev->timer_armed) {
-		struct abuse_cmd *head = list_first_entry(&dev->queue,
-							  struct abuse_cmd,
-							  node);
-
-		dev->timer_armed = true;
+	/* An armed timer looks at every queued request when it fires. */
+	if (!test_and_set_bit(ABUSE_DEV_TIMER_ARMED, &dev->flags))
 		hrtimer_start(&dev->wake_timer,
-			      ns_to_ktime(abuse_ns_until(head->queued_ns + bound)),
+			      ns_to_ktime(abuse_ns_until(since + bound)),
 			      HRTIMER_MODE_REL);
-	}
 	return false;
 }
 
@@ -631,6 +674,7 @@ static enum hrtimer_restart abuse_wake_timer_fn(struct hrtimer *timer)
 	u64 next = 0;
 
 	spin_lock_irqsave(&dev->lock, flags);
+	abuse_take_submitted(dev);
 	list_for_each_entry(cmd, &dev->queue, node) {
 		if (now - cmd->queued_ns < bound) {
 			next = cmd->queued_ns + bound;
@@ -640,11 +684,23 @@ static enum hrtimer_restart abuse_wake_timer_fn(struct hrtimer *timer)
 	}
 	if (late && !next)
 		next = now + bound;	/* look again if they are still here */
+	if (!next && !dev->dead) {
+		/*
+		 * Disarm, then look again: a request submitted meanwhile
+		 * saw the timer armed and left itself to us.
+		 */
+		clear_bit(ABUSE_DEV_TIMER_ARMED, &dev->flags);
+		/* Pairs with llist_add(), then test_and_set_bit(), in queue_rq. */
+		smp_mb__after_atomic();
+		if (!llist_empty(&dev->submitted) &&
+		    !test_and_set_bit(ABUSE_DEV_TIMER_ARMED, &dev->flags))
+			next = now + bound;
+	}
 	if (next && !dev->dead) {
 		hrtimer_forward_now(timer, ns_to_ktime(abuse_ns_until(next)));
 		ret = HRTIMER_RESTART;
 	} else {
-		dev->timer_armed = false;
+		clear_bit(ABUSE_DEV_TIMER_ARMED, &dev->flags);
 	}
 	spin_unlock_irqrestore(&dev->lock, flags);
 
@@ -694,6 +750,7 @@ static blk_status_t abuse_queue_rq(struct blk_mq_hw_ctx *hctx,
 	struct request *rq = bd->rq;
 	struct abuse_cmd *cmd = abuse_cmd(rq);
 	unsigned long flags;
+	u64 queued_ns;
 	bool wake;
 
 	switch (req_op(rq)) {
@@ -708,24 +765,33 @@ static blk_status_t abuse_queue_rq(struct blk_mq_hw_ctx *hctx,
 	}
 
 	blk_mq_start_request(rq);
-
-	spin_lock_irqsave(&dev->lock, flags);
-	abuse_held_from(dev);
-	if (dev->dead) {
-		abuse_held_until(dev);
-		spin_unlock_irqrestore(&dev->lock, flags);
+	if (READ_ONCE(dev->dead))
 		return BLK_STS_IOERR;
-	}
+
 	cmd->holder = NULL;
 	cmd->timeouts = 0;
 	cmd->fail_pending = false;
-	cmd->queued_ns = local_clock();
-	dev->rqs[rq->tag] = rq;
-	abuse_set_state(dev, rq, ABUSE_CMD_QUEUED);
-	list_add_tail(&cmd->node, &dev->queue);
-	wake = abuse_enqueued(dev);
-	abuse_held_until(dev);
-	spin_unlock_irqrestore(&dev->lock, flags);
+	queued_ns = local_clock();
+	cmd->queued_ns = queued_ns;
+	/* From here a GET may take, serve and end @rq: do not touch it. */
+	llist_add(&cmd->submitted, &dev->submitted);
+
+	/*
+	 * DESTROY marked the disk dead meanwhile: it may have failed every
+	 * request before this one arrived, so fail what is left ourselves.
+	 * Pairs with the smp_mb() in abuse_ctl_destroy(): either it takes
+	 * @rq from dev->submitted, or we see dead.
+	 */
+	if (READ_ONCE(dev->dead)) {
+		LIST_HEAD(done);
+
+		spin_lock_irqsave(&dev->lock, flags);
+		abuse_fail_requests(dev, &done, false);
+		spin_unlock_irqrestore(&dev->lock, flags);
+		abuse_end_list(&done);
+		return BLK_STS_OK;
+	}
+	wake = abuse_enqueued(dev, queued_ns);
 
 	/*
 	 * Wakes one GET sleeper, and every poller.  Sync: the submitter
@@ -758,6 +824,7 @@ static enum blk_eh_timer_return abuse_timeout(struct request *rq)
 	u32 timeouts = 0;
 
 	spin_lock_irqsave(&dev->lock, flags);
+	abuse_take_submitted(dev);
 	if (!dev->config.timeout_ms || dev->rqs[rq->tag] != rq ||
 	    (cmd->state != ABUSE_CMD_QUEUED &&
 	     cmd->state != ABUSE_CMD_IN_FLIGHT))
@@ -870,6 +937,7 @@ static ssize_t name##_show(struct device *d,				\
 	u64 val;							\
 									\
 	spin_lock_irq(&dev->lock);					\
+	abuse_take_submitted(dev);	/* for a true queued count */	\
 	val = (field);							\
 	spin_unlock_irq(&dev->lock);					\
 	return sysfs_emit(buf, fmt "\n", val);				\
@@ -1135,6 +1203,7 @@ static int abuse_get_chunk(struct abuse_device *dev, struct abuse_worker *w,
 	int ret = 0;
 
 	abuse_lock(dev);
+	abuse_take_submitted(dev);
 	if (dev->dead)
 		ret = -ENODEV;
 	else if (w->fenced)
@@ -1251,9 +1320,11 @@ static int abuse_get_chunk(struct abuse_device *dev, struct abuse_worker *w,
 	return failed_some ? -EAGAIN : 0;
 }
 
+/* Without dev->lock: whether a GET would find something, or the end. */
 static bool abuse_has_work(struct abuse_device *dev)
 {
-	return READ_ONCE(dev->stats.queued) || READ_ONCE(dev->dead);
+	return READ_ONCE(dev->stats.queued) ||
+	       !llist_empty(&dev->submitted) || READ_ONCE(dev->dead);
 }
 
 /*
@@ -1283,7 +1354,7 @@ static bool abuse_spin_for_work(struct abuse_device *dev,
 		spin_unlock_irq(&dev->lock);
 		return false;
 	}
-	dev->spinner = w;
+	WRITE_ONCE(dev->spinner, w);
 	spin_unlock_irq(&dev->lock);
 
 	start = local_clock();
@@ -1300,9 +1371,11 @@ static bool abuse_spin_for_work(struct abuse_device *dev,
 	 * lock, after which it wakes sleepers again.
 	 */
 	spin_lock_irq(&dev->lock);
-	dev->spinner = NULL;
-	found = dev->stats.queued || dev->dead;
+	WRITE_ONCE(dev->spinner, NULL);
 	spin_unlock_irq(&dev->lock);
+	/* Pairs with llist_add() in queue_rq, then its read of spinner. */
+	smp_mb();
+	found = abuse_has_work(dev);
 	return found;
 }
 
@@ -1359,6 +1432,7 @@ static int abuse_get(struct abuse_device *dev, struct abuse_worker *w,
 	struct pid *me = task_tgid(current);
 	long wait = MAX_SCHEDULE_TIMEOUT;
 	u64 used = 0, waiting = 0;
+	struct abuse_cmd *head;
 	bool leftover;
 	u32 n = 0;
 	int ret = 0;
@@ -1413,9 +1487,12 @@ static int abuse_get(struct abuse_device *dev, struct abuse_worker *w,
 	 * Work left behind: pass the wake-up on, lazily if we now hold a
 	 * batch (abuse_enqueued), since we may well take it ourselves.
 	 */
-	if (READ_ONCE(dev->stats.queued)) {
+	if (abuse_has_work(dev)) {
 		spin_lock_irq(&dev->lock);
-		leftover = dev->stats.queued && abuse_enqueued(dev);
+		abuse_take_submitted(dev);
+		head = list_first_entry_or_null(&dev->queue, struct abuse_cmd,
+						node);
+		leftover = head && abuse_enqueued(dev, head->queued_ns);
 		spin_unlock_irq(&dev->lock);
 		if (leftover)
 			abuse_wake(dev, 1);
@@ -1796,8 +1873,14 @@ static int abuse_ctl_destroy(const struct abuse_target *target)
 		goto out_unlock;
 	}
 	spin_lock_irq(&dev->lock);
-	dev->dead = true;
+	WRITE_ONCE(dev->dead, true);
 	spin_unlock_irq(&dev->lock);
+	/*
+	 * Pairs with queue_rq's llist_add(), then its read of dead: either
+	 * abuse_remove() takes that request from dev->submitted, or queue_rq
+	 * sees dead and fails it.
+	 */
+	smp_mb();
 	mutex_unlock(&dev->disk->open_mutex);
 
 	abuse_remove(dev);
@@ -1814,6 +1897,7 @@ static int abuse_ctl_info(struct abuse_info *info)
 	dev = abuse_find(info->config.index);
 	if (dev) {
 		spin_lock_irq(&dev->lock);
+		abuse_take_submitted(dev);	/* for a true queued count */
 		info->config = dev->config;
 		info->counters = dev->stats;
 		spin_unlock_irq(&dev->lock);
@@ -2127,7 +2211,7 @@ static __poll_t abuse_ctl_poll(struct file *file, poll_table *wait)
 	smp_mb();
 	if (READ_ONCE(dev->dead))
 		return EPOLLHUP;
-	return READ_ONCE(dev->stats.queued) ? EPOLLIN | EPOLLRDNORM : 0;
+	return abuse_has_work(dev) ? EPOLLIN | EPOLLRDNORM : 0;
 }
 
 static int abuse_ctl_open(struct inode *inode, struct file *file)
