@@ -684,23 +684,24 @@ static enum hrtimer_restart abuse_wake_timer_fn(struct hrtimer *timer)
 	}
 	if (late && !next)
 		next = now + bound;	/* look again if they are still here */
-	if (!next && !dev->dead) {
+	if (!next || dev->dead) {
 		/*
 		 * Disarm, then look again: a request submitted meanwhile
-		 * saw the timer armed and left itself to us.
+		 * saw the timer armed and left itself to us.  Once the bit
+		 * is clear, queue_rq may arm the timer itself: only the one
+		 * that sets the bit again owns it.
 		 */
 		clear_bit(ABUSE_DEV_TIMER_ARMED, &dev->flags);
 		/* Pairs with llist_add(), then test_and_set_bit(), in queue_rq. */
 		smp_mb__after_atomic();
-		if (!llist_empty(&dev->submitted) &&
+		next = 0;
+		if (!dev->dead && !llist_empty(&dev->submitted) &&
 		    !test_and_set_bit(ABUSE_DEV_TIMER_ARMED, &dev->flags))
 			next = now + bound;
 	}
-	if (next && !dev->dead) {
+	if (next) {
 		hrtimer_forward_now(timer, ns_to_ktime(abuse_ns_until(next)));
 		ret = HRTIMER_RESTART;
-	} else {
-		clear_bit(ABUSE_DEV_TIMER_ARMED, &dev->flags);
 	}
 	spin_unlock_irqrestore(&dev->lock, flags);
 
@@ -1344,7 +1345,6 @@ static bool abuse_spin_for_work(struct abuse_device *dev,
 	u64 gap = READ_ONCE(w->gap_ns);
 	u64 budget = min_t(u64, 2 * gap, max);
 	u64 start, now;
-	bool found;
 
 	/* Work usually comes later than we may poll: do not poll at all. */
 	if (!budget || gap > max)
@@ -1375,8 +1375,7 @@ static bool abuse_spin_for_work(struct abuse_device *dev,
 	spin_unlock_irq(&dev->lock);
 	/* Pairs with llist_add() in queue_rq, then its read of spinner. */
 	smp_mb();
-	found = abuse_has_work(dev);
-	return found;
+	return abuse_has_work(dev);
 }
 
 /*
