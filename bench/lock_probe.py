@@ -25,8 +25,10 @@ from bench.jobs import Job
 
 PARAMS = Path("/sys/module/abuse/parameters")
 MODES = {
-    "old": {"wake_max_us": "0", "spin_max_us": "0"},
-    "new": {"wake_max_us": "10000", "spin_max_us": "200"},
+    "old": {"wake_max_us": "0", "wake_min_us": "2000", "spin_max_us": "0"},
+    "new": {"wake_max_us": "10000", "wake_min_us": "2000", "spin_max_us": "200"},
+    # the same with a lazy wake-up as soon as 50 us (before 2026-12-01): more timer runs
+    "min50us": {"wake_max_us": "10000", "wake_min_us": "50", "spin_max_us": "200"},
 }
 # The worker's batch budget (ABUSE_BATCH_BUDGET_US): adaptive, and off.
 BUDGETS_US = ("1000", "0")
@@ -35,6 +37,7 @@ JOBS = (
     Job("randwrite-4k-qd32", "randwrite", "4k", 32),
     Job("randread-4k-qd128", "randread", "4k", 128),
     Job("randread-4k-qd1", "randread", "4k", 1),
+    Job("seqread-1M-qd4", "read", "1M", 4),
 )
 
 
@@ -48,13 +51,40 @@ def _lock_stats(path: str) -> tuple[int, int]:
     return int(taken), int(ns)
 
 
+def _dispatch(path: str) -> dict[str, int]:
+    text = Path(f"/sys/block/{Path(path).name}/abuse/dispatch").read_text()
+    return {name: int(count) for name, count in (line.split() for line in text.splitlines())}
+
+
+def _per_worker(device: Any) -> dict[int, tuple[float, int]]:
+    """CPU seconds and context switches of each worker process."""
+    found: dict[int, tuple[float, int]] = {}
+    for proc in device.servers:
+        for child in proc.children(recursive=True):
+            times, switches = child.cpu_times(), child.num_ctx_switches()
+            found[child.pid] = (times.user + times.system, switches.voluntary + switches.involuntary)
+    return found
+
+
 def _measure(device: Any, job: Job, runtime: int) -> dict[str, Any]:
     taken0, ns0 = _lock_stats(device.path)
+    dispatch0 = _dispatch(device.path)
+    workers0 = _per_worker(device)
     result = fio(device, job, runtime)
+    workers1 = _per_worker(device)
     taken1, ns1 = _lock_stats(device.path)
+    dispatch1 = _dispatch(device.path)
     side = result["fio"]["jobs"][0]["read" if "read" in job.rw else "write"]
     ios = max(int(side["total_ios"]), 1)
+    dispatch = {name: (dispatch1[name] - count) / ios for name, count in dispatch0.items()}
+    shares = {
+        pid: (round((cpu - workers0[pid][0]) * 1e6 / ios, 1), round((switches - workers0[pid][1]) / ios, 3))
+        for pid, (cpu, switches) in workers1.items()
+        if pid in workers0
+    }
     return {
+        "worker_us_and_switches_per_request": sorted(shares.values(), reverse=True),
+        "dispatch_per_request": dispatch,
         "job": job.name,
         "iops": float(side["iops"]),
         "sections_per_request": (taken1 - taken0) / ios,
@@ -70,7 +100,9 @@ def _line(row: dict[str, Any]) -> str:
         f"{row['mode']:4} {row['budget_us']:6} {row['workers']:7} {row['job']:20} {row['iops']:8.0f}"
         f" {row['sections_per_request']:13.2f} {row['ns_per_section']:11.0f}"
         f" {row['lock_ns_per_request']:12.0f} {row['worker_us_per_request']:14.1f}"
-        f" {row['guest_us_per_request']:13.1f}"
+        f" {row['guest_us_per_request']:13.1f}  "
+        + " ".join(f"{name}={count:.3f}" for name, count in row["dispatch_per_request"].items())
+        + f" per-worker(us,switches)={row['worker_us_and_switches_per_request']}"
     )
 
 
@@ -80,21 +112,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runtime", type=int, default=8)
     parser.add_argument("--size", type=int, default=256 << 20)
     parser.add_argument("--workers", default="1,2,4")
+    parser.add_argument("--modes", default=",".join(MODES), help="of: " + ", ".join(MODES))
+    parser.add_argument("--budgets", default=",".join(BUDGETS_US), help="ABUSE_BATCH_BUDGET_US values")
+    parser.add_argument("--jobs", default="", help="job names (default: all)")
     args, _ = parser.parse_known_args(argv)
+    modes = {name: MODES[name] for name in args.modes.split(",")}
+    jobs = [job for job in JOBS if not args.jobs or job.name in args.jobs.split(",")]
     (PARAMS / "lock_stats").write_text("1")
     rows: list[dict[str, Any]] = []
     lines = [
         "mode budget workers job                    IOPS  sections/req  ns/section  lock-ns/req"
-        "  worker-us/req  guest-us/req"
+        "  worker-us/req  guest-us/req  dispatch events/req"
     ]
     for workers in map(int, args.workers.split(",")):
-        for budget in BUDGETS_US:
+        for budget in args.budgets.split(","):
             os.environ["ABUSE_BATCH_BUDGET_US"] = budget
             with abuse_disk(args.size, "memory", workers, 64) as device:
                 prefill(device)
-                for mode, params in MODES.items():
+                for mode, params in modes.items():
                     _set(params)
-                    for job in JOBS:
+                    for job in jobs:
                         row = _measure(device, job, args.runtime)
                         row.update(mode=mode, workers=workers, budget_us=int(budget))
                         rows.append(row)

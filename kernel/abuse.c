@@ -41,8 +41,6 @@
 /* PUT reads replies, and GET takes requests, in chunks this big. */
 #define ABUSE_PUT_CHUNK		16
 #define ABUSE_GET_CHUNK		16
-/* A lazy wake-up never waits less than this for a busy worker. */
-#define ABUSE_WAKE_MIN_NS	(50 * NSEC_PER_USEC)
 
 /*
  * Dispatch tuning (see "Dispatch" below); 0 turns each one off.  Read
@@ -52,6 +50,10 @@ static unsigned int wake_max_us = 10000;
 module_param(wake_max_us, uint, 0644);
 MODULE_PARM_DESC(wake_max_us,
 		 "Longest a queued request waits for a busy worker before an idle one is woken (us; 0: wake at once)");
+static unsigned int wake_min_us = 2000;
+module_param(wake_min_us, uint, 0644);
+MODULE_PARM_DESC(wake_min_us,
+		 "Shortest a queued request waits for a busy worker before an idle one is woken (us)");
 static unsigned int spin_max_us = 200;
 module_param(spin_max_us, uint, 0644);
 MODULE_PARM_DESC(spin_max_us,
@@ -92,9 +94,39 @@ enum {
 	ABUSE_W_SERVING,	/* holds a batch, out of the driver */
 };
 
+/*
+ * What dispatch did, for /sys/block/abuseN/abuse/dispatch: counted where
+ * a worker is woken or sleeps, never per request.
+ */
+enum abuse_dispatch_stat {
+	ABUSE_DS_WAKE_NOW,	/* queue_rq woke a sleeper at once */
+	ABUSE_DS_WAKE_LAZY,	/* the wake timer woke one for a late request */
+	ABUSE_DS_WAKE_PASSED,	/* a GET or requeue passed a wake-up on */
+	ABUSE_DS_SLEEPS,	/* GETs that slept for work */
+	ABUSE_DS_POLLS,		/* GETs that polled for work */
+	ABUSE_DS_POLL_HITS,	/* of those, work came while polling */
+	ABUSE_DS_BATCHES,	/* GETs that handed out requests */
+	ABUSE_DS_DEFERRED,	/* GETs that left the queue to the lead */
+	ABUSE_DS_TIMER_RUNS,	/* wake timer expiries */
+	ABUSE_DS_COUNT
+};
+
+static const char *const abuse_dispatch_names[ABUSE_DS_COUNT] = {
+	[ABUSE_DS_WAKE_NOW] = "wake_now",
+	[ABUSE_DS_WAKE_LAZY] = "wake_lazy",
+	[ABUSE_DS_WAKE_PASSED] = "wake_passed",
+	[ABUSE_DS_SLEEPS] = "sleeps",
+	[ABUSE_DS_POLLS] = "polls",
+	[ABUSE_DS_POLL_HITS] = "poll_hits",
+	[ABUSE_DS_BATCHES] = "batches",
+	[ABUSE_DS_DEFERRED] = "deferred",
+	[ABUSE_DS_TIMER_RUNS] = "timer_runs",
+};
+
 /* abuse_device.flags */
 enum {
 	ABUSE_DEV_TIMER_ARMED,	/* wake_timer queued or running */
+	ABUSE_DEV_WAKING,	/* a sleeper was woken, has not looked yet */
 };
 
 /*
@@ -112,6 +144,7 @@ struct abuse_worker {
 	bool fenced;			/* killed by the fence: no more GETs */
 	unsigned long flags;		/* ABUSE_W_*, atomic bitops */
 	u64 serving_since;		/* ns: the GET that gave it its batch */
+	u32 batch_max;			/* its last GET's max_requests; a hint */
 	/* EWMA of its waits for work (the polling budget); racy between
 	 * threads sharing the file: a hint
 	 */
@@ -153,9 +186,18 @@ struct abuse_device {
 	struct request **rqs;		/* by tag: every request not IDLE */
 	u64 last_token;			/* fencing token of the last hand-out */
 	struct abuse_worker *spinner;	/* the one GET polling for work */
+	struct abuse_worker *lead;	/* the last one to take a batch */
 	u64 lock_since, lock_ns, lock_taken;	/* lock_stats */
 	bool dead;			/* destroyed: fail everything */
+	/* lock-free: abuse_dispatch_stat */
+	atomic_long_t dispatch[ABUSE_DS_COUNT];
 };
+
+static void abuse_count(struct abuse_device *dev, enum abuse_dispatch_stat s,
+			long nr)
+{
+	atomic_long_add(nr, &dev->dispatch[s]);
+}
 
 /*
  * Lock statistics for the scaling model (docs/SCALING.md): with the
@@ -573,17 +615,32 @@ static unsigned int abuse_reclaim_in_flight(struct abuse_device *dev)
  *  - while a worker is polling in GET (abuse_spin_for_work), nobody is
  *    woken: it takes the request at once;
  *  - while some worker holds a batch (ABUSE_W_SERVING: it will come
- *    back with PUT+GET), the wake-up is lazy: the wake timer wakes one
- *    sleeper per request that has waited longer than the bound, three
- *    times the usual time a batch spends out of the driver (cycle_ns),
- *    within [ABUSE_WAKE_MIN_NS, wake_max_us].  So idle workers sleep
- *    while the busy one keeps up, and one is woken within the bound
- *    when it does not (it is stopped, its backend is slow, or the
- *    queue grows); a busy worker counts as such until one of its GETs
- *    finds the queue empty (abuse_set_serving);
+ *    back with PUT+GET), the wake-up is lazy.  Once the oldest request
+ *    has waited for the bound, three times the usual time from one
+ *    batch's GET to the next (cycle_ns: how long a request queued
+ *    behind a busy worker waits for it) within [wake_min_us,
+ *    wake_max_us], the wake timer wakes as many sleepers as the queue
+ *    needs (abuse_workers_short): none while the lead (the last worker
+ *    to take a batch) keeps up, one when it did not come back in time
+ *    (it is stopped, or its backend is slow), more when the queue
+ *    outgrew the serving workers.  A busy worker counts as such until
+ *    one of its GETs finds the queue empty (abuse_set_serving);
  *  - with no sleeper there is nothing to do: a worker about to sleep
  *    looks at the queue first;
- *  - otherwise one sleeper is woken at once.
+ *  - a worker back for more while the lead serves, runs on a CPU and
+ *    keeps up leaves the queue to it (abuse_defer): it sleeps, and the
+ *    wake timer wakes it if the lead stops keeping up.  Else every
+ *    worker woken once stayed busy, taking a share of each burst: on a
+ *    machine whose CPUs the lead and the submitters already use, the
+ *    extra worker only took CPU time from them (two workers ran at
+ *    0.6x of one).  A lead that sleeps (a backend that waits) or is
+ *    stopped is not waited for;
+ *  - otherwise one sleeper is woken at once, and the requests that
+ *    follow it before it looks at the queue (ABUSE_DEV_WAKING) wait for
+ *    it as for a busy worker.  Without that, each request of a burst
+ *    woke one more sleeper: the woken worker leaves the wait queue at
+ *    once but takes the requests only once it runs, so two workers
+ *    both woke for every burst and each took half of it.
  *
  * Submitting takes no lock: queue_rq pushes the request on
  * dev->submitted (an llist) and decides the wake-up from atomics, and
@@ -613,14 +670,20 @@ static u64 abuse_ns_until(u64 when)
 static u64 abuse_wake_bound(struct abuse_device *dev)
 {
 	u64 max = (u64)READ_ONCE(wake_max_us) * NSEC_PER_USEC;
+	u64 min = (u64)READ_ONCE(wake_min_us) * NSEC_PER_USEC;
 
-	return clamp_t(u64, 3 * READ_ONCE(dev->cycle_ns), ABUSE_WAKE_MIN_NS,
-		       max_t(u64, max, ABUSE_WAKE_MIN_NS)) * !!max;
+	return clamp_t(u64, 3 * READ_ONCE(dev->cycle_ns), min,
+		       max_t(u64, max, min)) * !!max;
 }
 
-/* @nr requests (re)entered the queue: wake as many GET sleepers, and pollers. */
-static void abuse_wake(struct abuse_device *dev, unsigned int nr)
+/*
+ * @nr requests (re)entered the queue, or are late: wake as many GET
+ * sleepers, and pollers; count them as @why.
+ */
+static void abuse_wake(struct abuse_device *dev, unsigned int nr,
+		       enum abuse_dispatch_stat why)
 {
+	abuse_count(dev, why, nr);
 	wake_up_nr(&dev->get_wait, nr);
 	if (wq_has_sleeper(&dev->poll_wait))
 		wake_up(&dev->poll_wait);
@@ -645,10 +708,17 @@ static bool abuse_enqueued(struct abuse_device *dev, u64 since)
 	 */
 	if (!wq_has_sleeper(&dev->get_wait))
 		return false;
-	if (!atomic_read(&dev->nr_serving))
-		return true;
 	bound = abuse_wake_bound(dev);
 	if (!bound)
+		return true;
+	/*
+	 * Nobody serves: wake one sleeper, unless one was woken already and
+	 * has not looked yet; it takes this request too, or the timer wakes
+	 * another (a wake-up that found no sleeper left leaves the bit set
+	 * until then).
+	 */
+	if (!atomic_read(&dev->nr_serving) &&
+	    !test_and_set_bit(ABUSE_DEV_WAKING, &dev->flags))
 		return true;
 	/* An armed timer looks at every queued request when it fires. */
 	if (!test_and_set_bit(ABUSE_DEV_TIMER_ARMED, &dev->flags))
@@ -659,8 +729,35 @@ static bool abuse_enqueued(struct abuse_device *dev, u64 since)
 }
 
 /*
- * The lazy wake-up: wake one GET sleeper per request queued for longer
- * than the bound, and come back when the oldest one left reaches it.
+ * How many more workers the queue needs, now that its oldest request
+ * waited longer than the bound: none while the lead keeps up (it came
+ * back within the bound, and the serving workers' next GETs take the
+ * queue in three rounds at most: a deep queue waits some rounds by
+ * design), one to replace a lead that is stuck (stopped, or its backend
+ * is slow), more for a queue that outgrew the serving workers.
+ */
+static unsigned int abuse_workers_short(struct abuse_device *dev, u64 now,
+					u64 bound)
+	__must_hold(&dev->lock)
+{
+	struct abuse_worker *lead = dev->lead;
+	u64 rounds;
+
+	if (!lead || !test_bit(ABUSE_W_SERVING, &lead->flags) ||
+	    now - READ_ONCE(lead->serving_since) >= bound)
+		return 1;
+	rounds = 3ULL * max_t(u32, READ_ONCE(lead->batch_max), 1) *
+		 max(atomic_read(&dev->nr_serving), 1);
+	if (dev->stats.queued <= rounds)
+		return 0;
+	return max_t(u64, div64_u64(dev->stats.queued, rounds), 1);
+}
+
+/*
+ * The lazy wake-up: once the oldest queued request has waited for the
+ * bound, wake as many GET sleepers as the queue needs
+ * (abuse_workers_short), and come back a bound later while requests
+ * are queued, or when the oldest one reaches it.
  */
 static enum hrtimer_restart abuse_wake_timer_fn(struct hrtimer *timer)
 {
@@ -669,21 +766,20 @@ static enum hrtimer_restart abuse_wake_timer_fn(struct hrtimer *timer)
 	enum hrtimer_restart ret = HRTIMER_NORESTART;
 	u64 now = local_clock(), bound = abuse_wake_bound(dev);
 	unsigned int late = 0;
-	struct abuse_cmd *cmd;
+	struct abuse_cmd *head;
 	unsigned long flags;
 	u64 next = 0;
 
+	abuse_count(dev, ABUSE_DS_TIMER_RUNS, 1);
 	spin_lock_irqsave(&dev->lock, flags);
 	abuse_take_submitted(dev);
-	list_for_each_entry(cmd, &dev->queue, node) {
-		if (now - cmd->queued_ns < bound) {
-			next = cmd->queued_ns + bound;
-			break;
-		}
-		late++;
-	}
-	if (late && !next)
+	head = list_first_entry_or_null(&dev->queue, struct abuse_cmd, node);
+	if (head && now - head->queued_ns < bound) {
+		next = head->queued_ns + bound;
+	} else if (head) {
+		late = abuse_workers_short(dev, now, bound);
 		next = now + bound;	/* look again if they are still here */
+	}
 	if (!next || dev->dead) {
 		/*
 		 * Disarm, then look again: a request submitted meanwhile
@@ -706,7 +802,7 @@ static enum hrtimer_restart abuse_wake_timer_fn(struct hrtimer *timer)
 	spin_unlock_irqrestore(&dev->lock, flags);
 
 	if (late)
-		abuse_wake(dev, late);
+		abuse_wake(dev, late, ABUSE_DS_WAKE_LAZY);
 	return ret;
 }
 
@@ -714,30 +810,33 @@ static enum hrtimer_restart abuse_wake_timer_fn(struct hrtimer *timer)
  * @w took a batch (true), or found nothing more to take (false): a
  * worker counts as busy from the GET that gives it a batch until a GET
  * of its finds the queue empty, PUT+GET calls in between included, since
- * the GET half of those takes what queued meanwhile.
+ * the GET half of those takes what queued meanwhile.  Two batches in a
+ * row give a cycle: the time from one GET to the next, copies, the
+ * worker's own time and its PUT included, which is how long a request
+ * queued just after a GET waits for this worker.  It is folded into
+ * cycle_ns, the lazy wake-up's measure of "keeps up".  (The worker's
+ * time alone was not enough: served in place, most of a batch's time
+ * is the copies in the driver, and the bound fell below one cycle.)
  */
 static void abuse_set_serving(struct abuse_device *dev,
 			      struct abuse_worker *w, bool serving)
 {
-	if (serving) {
-		w->serving_since = local_clock();
-		if (!test_and_set_bit(ABUSE_W_SERVING, &w->flags))
-			atomic_inc(&dev->nr_serving);
-	} else if (test_and_clear_bit(ABUSE_W_SERVING, &w->flags)) {
-		atomic_dec(&dev->nr_serving);
-	}
-}
+	u64 now, avg;
 
-/* @w is back for more: fold the time its batch took into cycle_ns. */
-static void abuse_note_cycle(struct abuse_device *dev, struct abuse_worker *w)
-{
-	u64 cycle, avg;
-
-	if (!test_bit(ABUSE_W_SERVING, &w->flags))
+	if (!serving) {
+		if (test_and_clear_bit(ABUSE_W_SERVING, &w->flags))
+			atomic_dec(&dev->nr_serving);
 		return;
-	cycle = local_clock() - w->serving_since;
-	avg = READ_ONCE(dev->cycle_ns);
-	WRITE_ONCE(dev->cycle_ns, avg - avg / 8 + cycle / 8);
+	}
+	now = local_clock();
+	if (test_and_set_bit(ABUSE_W_SERVING, &w->flags)) {
+		avg = READ_ONCE(dev->cycle_ns);
+		WRITE_ONCE(dev->cycle_ns,
+			   avg - avg / 8 + (now - w->serving_since) / 8);
+	} else {
+		atomic_inc(&dev->nr_serving);
+	}
+	WRITE_ONCE(w->serving_since, now);
 }
 
 /* ---------------------------------------------------------------------
@@ -800,8 +899,10 @@ static blk_status_t abuse_queue_rq(struct blk_mq_hw_ctx *hctx,
 	 * waking another one.  wq_has_sleeper() pairs with the barrier in
 	 * abuse_ctl_poll().
 	 */
-	if (wake)
+	if (wake) {
+		abuse_count(dev, ABUSE_DS_WAKE_NOW, 1);
 		wake_up_interruptible_sync(&dev->get_wait);
+	}
 	if (wq_has_sleeper(&dev->poll_wait))
 		wake_up_interruptible(&dev->poll_wait);
 	return BLK_STS_OK;
@@ -866,7 +967,7 @@ out_unlock:
 		blk_mq_end_request(rq, BLK_STS_IOERR);
 		ret = BLK_EH_DONE;
 	} else if (requeued) {
-		abuse_wake(dev, 1);
+		abuse_wake(dev, 1, ABUSE_DS_WAKE_PASSED);
 	} else if (fenced) {
 		abuse_kill_fenced(dev);
 	}
@@ -1000,6 +1101,21 @@ static ssize_t lock_stats_show(struct device *d, struct device_attribute *attr,
 }
 static DEVICE_ATTR_RO(lock_stats);
 
+/* Wake-ups, sleeps and polls of the disk's workers: "name count" lines. */
+static ssize_t dispatch_show(struct device *d, struct device_attribute *attr,
+			     char *buf)
+{
+	struct abuse_device *dev = dev_to_disk(d)->private_data;
+	int i, len = 0;
+
+	for (i = 0; i < ABUSE_DS_COUNT; i++)
+		len += sysfs_emit_at(buf, len, "%s %ld\n",
+				     abuse_dispatch_names[i],
+				     atomic_long_read(&dev->dispatch[i]));
+	return len;
+}
+static DEVICE_ATTR_RO(dispatch);
+
 static struct attribute *abuse_disk_attrs[] = {
 	&dev_attr_queued.attr,
 	&dev_attr_in_flight.attr,
@@ -1021,6 +1137,7 @@ static struct attribute *abuse_disk_attrs[] = {
 	&dev_attr_retries.attr,
 	&dev_attr_workers.attr,
 	&dev_attr_lock_stats.attr,
+	&dev_attr_dispatch.attr,
 	NULL,
 };
 
@@ -1179,17 +1296,61 @@ static u64 abuse_buffer_need(struct request *rq)
 	return round_up((u64)blk_rq_bytes(rq), ABUSE_DATA_ALIGN);
 }
 
+/* Whether @w's task is on a CPU or waiting for one: a hint. */
+static bool abuse_worker_running(struct abuse_worker *w)
+	__must_hold(&w->dev->lock)
+{
+	struct task_struct *task;
+	bool running;
+
+	/* The leader of the last GET's process: a worker's one thread. */
+	rcu_read_lock();
+	task = pid_task(w->owner, PIDTYPE_TGID);
+	running = task && task_is_running(task);
+	rcu_read_unlock();
+	return running;
+}
+
+/*
+ * Whether @w, back for more with nothing in hand, should leave the
+ * queue to the lead (see "Dispatch"): the lead runs on a CPU and keeps
+ * up (abuse_workers_short).  If so, the wake timer is armed for the
+ * oldest request, so that a sleeper is woken if the lead stops keeping
+ * up.
+ */
+static bool abuse_defer(struct abuse_device *dev, struct abuse_worker *w)
+	__must_hold(&dev->lock)
+{
+	struct abuse_cmd *head;
+	u64 bound, since;
+
+	head = list_first_entry_or_null(&dev->queue, struct abuse_cmd, node);
+	bound = abuse_wake_bound(dev);
+	if (!head || !bound || dev->lead == w ||
+	    abuse_workers_short(dev, local_clock(), bound) ||
+	    !abuse_worker_running(dev->lead))
+		return false;
+	since = head->queued_ns;
+	if (!test_and_set_bit(ABUSE_DEV_TIMER_ARMED, &dev->flags))
+		hrtimer_start(&dev->wake_timer,
+			      ns_to_ktime(abuse_ns_until(since + bound)),
+			      HRTIMER_MODE_REL);
+	return true;
+}
+
 /*
  * Hand out up to ABUSE_GET_CHUNK queued requests into @x from slot *@n,
  * taking dev->lock twice for all of them: once to take them from the
  * queue, once to mark them in flight after their payloads were copied.
  * Returns how many were delivered (*@n grows by as many), 0 if nothing
- * is queued or fits, -EAGAIN if all it took were failed meanwhile (by
- * RESET or DESTROY: try again), or a negative errno if it delivered
- * none.  May sleep (copies).
+ * is queued or fits, or if it left the queue to the lead (*@deferred
+ * set; only if @deferred is not NULL), -EAGAIN if all it took were
+ * failed meanwhile (by RESET or DESTROY: try again), or a negative
+ * errno if it delivered none.  May sleep (copies).
  */
 static int abuse_get_chunk(struct abuse_device *dev, struct abuse_worker *w,
-			   struct abuse_xfer *x, u32 *n, u64 *used)
+			   struct abuse_xfer *x, u32 *n, u64 *used,
+			   bool *deferred)
 {
 	struct abuse_request __user *udesc = u64_to_user_ptr(x->requests);
 	u64 __user *utokens = u64_to_user_ptr(x->tokens);
@@ -1209,7 +1370,9 @@ static int abuse_get_chunk(struct abuse_device *dev, struct abuse_worker *w,
 		ret = -ENODEV;
 	else if (w->fenced)
 		ret = -ESHUTDOWN;
-	while (!ret && taken < want) {
+	else if (deferred && !*n && abuse_defer(dev, w))
+		*deferred = true;
+	while (!ret && !(deferred && *deferred) && taken < want) {
 		struct abuse_cmd *cmd;
 		struct request *rq;
 		u64 need, data;
@@ -1251,6 +1414,8 @@ static int abuse_get_chunk(struct abuse_device *dev, struct abuse_worker *w,
 		*used += need;
 		rqs[taken++] = rq;
 	}
+	if (taken)
+		dev->lead = w;
 	abuse_unlock(dev);
 	if (!taken)
 		return ret;
@@ -1287,7 +1452,7 @@ static int abuse_get_chunk(struct abuse_device *dev, struct abuse_worker *w,
 	abuse_unlock(dev);
 	abuse_end_list(&failed);
 	if (requeued)
-		abuse_wake(dev, requeued);
+		abuse_wake(dev, requeued, ABUSE_DS_WAKE_PASSED);
 
 	/* Tell the worker; a worker that cannot be told gets nothing. */
 	if (delivered &&
@@ -1310,7 +1475,7 @@ static int abuse_get_chunk(struct abuse_device *dev, struct abuse_worker *w,
 		}
 		abuse_unlock(dev);
 		if (requeued)
-			abuse_wake(dev, requeued);
+			abuse_wake(dev, requeued, ABUSE_DS_WAKE_PASSED);
 		return -EFAULT;
 	}
 	*n += delivered;
@@ -1356,6 +1521,7 @@ static bool abuse_spin_for_work(struct abuse_device *dev,
 	}
 	WRITE_ONCE(dev->spinner, w);
 	spin_unlock_irq(&dev->lock);
+	abuse_count(dev, ABUSE_DS_POLLS, 1);
 
 	start = local_clock();
 	do {
@@ -1375,7 +1541,10 @@ static bool abuse_spin_for_work(struct abuse_device *dev,
 	spin_unlock_irq(&dev->lock);
 	/* Pairs with llist_add() in queue_rq, then its read of spinner. */
 	smp_mb();
-	return abuse_has_work(dev);
+	if (!abuse_has_work(dev))
+		return false;
+	abuse_count(dev, ABUSE_DS_POLL_HITS, 1);
+	return true;
 }
 
 /*
@@ -1384,12 +1553,17 @@ static bool abuse_spin_for_work(struct abuse_device *dev,
  * as epoll_wait(): the worker that went to sleep last, still warm, takes
  * the next request, and the others sleep on while it keeps up (FIFO
  * passed each request of a QD1 stream to the other worker of two, which
- * halved the IOPS).  Returns the jiffies left (0 once timed out) or
- * -ERESTARTSYS.  May sleep.
+ * halved the IOPS).  A worker that @deferred to the lead waits for a
+ * wake-up instead of work: the queue has work, left to the lead, and
+ * the wake timer armed for it (abuse_defer) wakes us if it gets late.
+ * Returns the jiffies left (0 once timed out) or -ERESTARTSYS.  May
+ * sleep.
  */
-static long abuse_wait_work(struct abuse_device *dev, long timeout)
+static long abuse_wait_work(struct abuse_device *dev, long timeout,
+			    bool deferred)
 {
 	DEFINE_WAIT(wait);
+	bool woken = false;
 
 	for (;;) {
 		/* prepare_to_wait_exclusive(), at the head of the queue */
@@ -1398,13 +1572,16 @@ static long abuse_wait_work(struct abuse_device *dev, long timeout)
 			__add_wait_queue_exclusive(&dev->get_wait, &wait);
 		set_current_state(TASK_INTERRUPTIBLE);
 		spin_unlock_irq(&dev->get_wait.lock);
-		if (abuse_has_work(dev) || !timeout)
+		if ((deferred ? woken || READ_ONCE(dev->dead) :
+				abuse_has_work(dev)) || !timeout)
 			break;
 		if (signal_pending(current)) {
 			timeout = -ERESTARTSYS;
 			break;
 		}
+		abuse_count(dev, ABUSE_DS_SLEEPS, 1);
 		timeout = schedule_timeout(timeout);
+		woken = true;
 	}
 	finish_wait(&dev->get_wait, &wait);
 	return timeout;
@@ -1432,7 +1609,7 @@ static int abuse_get(struct abuse_device *dev, struct abuse_worker *w,
 	long wait = MAX_SCHEDULE_TIMEOUT;
 	u64 used = 0, waiting = 0;
 	struct abuse_cmd *head;
-	bool leftover;
+	bool leftover, deferred;
 	u32 n = 0;
 	int ret = 0;
 
@@ -1440,6 +1617,7 @@ static int abuse_get(struct abuse_device *dev, struct abuse_worker *w,
 		wait = 0;
 	else if (x->flags & ABUSE_XFER_TIMEOUT)
 		wait = msecs_to_jiffies(x->timeout_ms);
+	WRITE_ONCE(w->batch_max, x->max_requests);
 
 	/* The fence kills whoever GETs on this file last. */
 	if (x->max_requests && READ_ONCE(w->owner) != me) {
@@ -1454,8 +1632,11 @@ static int abuse_get(struct abuse_device *dev, struct abuse_worker *w,
 
 	x->nr_requests = 0;
 	while (x->max_requests) {
+		deferred = false;
 		while (n < x->max_requests) {
-			ret = abuse_get_chunk(dev, w, x, &n, &used);
+			/* Only a GET that may wait leaves work to the lead. */
+			ret = abuse_get_chunk(dev, w, x, &n, &used,
+					      wait ? &deferred : NULL);
 			if (ret == -EAGAIN)
 				continue;
 			/* A short chunk emptied the queue: no need to look again. */
@@ -1464,15 +1645,27 @@ static int abuse_get(struct abuse_device *dev, struct abuse_worker *w,
 		}
 		if (n || ret < 0)
 			break;
-		/* Nothing to take: not busy any more, wake others for work. */
-		abuse_set_serving(dev, w, false);
 		if (!wait)
 			break;
 		if (!waiting)
 			waiting = local_clock();
-		if (abuse_spin_for_work(dev, w))
+		/*
+		 * Nothing to take.  While we poll we still count as busy, so
+		 * that what is queued meanwhile waits for us instead of waking
+		 * a sleeper; then we are not busy any more, and the next
+		 * request wakes one (maybe us: we look before we sleep).
+		 */
+		if (deferred)
+			abuse_count(dev, ABUSE_DS_DEFERRED, 1);
+		else if (abuse_spin_for_work(dev, w))
 			continue;
-		wait = abuse_wait_work(dev, wait);
+		abuse_set_serving(dev, w, false);
+		wait = abuse_wait_work(dev, wait, deferred);
+		/*
+		 * Woken (or not: a hint), we look at the queue next: from
+		 * here the next request wakes another sleeper if need be.
+		 */
+		clear_bit(ABUSE_DEV_WAKING, &dev->flags);
 		if (wait < 0) {
 			ret = wait;
 			break;
@@ -1481,6 +1674,8 @@ static int abuse_get(struct abuse_device *dev, struct abuse_worker *w,
 	if (waiting)
 		abuse_note_gap(w, local_clock() - waiting);
 	abuse_set_serving(dev, w, n);
+	if (n)
+		abuse_count(dev, ABUSE_DS_BATCHES, 1);
 
 	/*
 	 * Work left behind: pass the wake-up on, lazily if we now hold a
@@ -1494,7 +1689,7 @@ static int abuse_get(struct abuse_device *dev, struct abuse_worker *w,
 		leftover = head && abuse_enqueued(dev, head->queued_ns);
 		spin_unlock_irq(&dev->lock);
 		if (leftover)
-			abuse_wake(dev, 1);
+			abuse_wake(dev, 1, ABUSE_DS_WAKE_PASSED);
 	}
 
 	x->nr_requests = n;
@@ -2019,7 +2214,7 @@ static int abuse_ctl_reset(const struct abuse_target *target)
 	abuse_end_list(&done);
 	abuse_kill_fenced(dev);
 	if (requeued)
-		abuse_wake(dev, requeued);
+		abuse_wake(dev, requeued, ABUSE_DS_WAKE_PASSED);
 	mutex_unlock(&abuse_ctl_mutex);
 	return 0;
 }
@@ -2077,8 +2272,6 @@ static int abuse_ctl_xfer(struct file *file, struct abuse_xfer *x, bool put)
 	if (READ_ONCE(dev->dead))
 		return -ENODEV;
 
-	/* Back from its batch (dispatch: how long batches take). */
-	abuse_note_cycle(dev, w);
 	x->nr_requests = 0;
 	x->nr_accepted = 0;
 	if (put) {
@@ -2241,11 +2434,13 @@ static int abuse_ctl_release(struct inode *inode, struct file *file)
 	spin_lock_irq(&dev->lock);
 	requeued = abuse_requeue_in_flight(dev, w);
 	list_del(&w->node);
+	if (dev->lead == w)
+		dev->lead = NULL;
 	kill = w->kill;
 	dev->stats.attached--;
 	spin_unlock_irq(&dev->lock);
 	if (requeued)
-		abuse_wake(dev, requeued);
+		abuse_wake(dev, requeued, ABUSE_DS_WAKE_PASSED);
 	put_pid(kill);
 	put_pid(w->owner);
 	kfree(w);

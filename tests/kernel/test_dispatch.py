@@ -322,6 +322,42 @@ def test_sysfs_config_and_workers_readable(disks: Disks) -> None:
         worker.close()
 
 
+def _dispatch(index: int) -> dict[str, int]:
+    text = Path(f"/sys/block/abuse{index}/abuse/dispatch").read_text()
+    return {name: int(count) for name, count in (line.split() for line in text.splitlines())}
+
+
+def test_dispatch_counts_a_sleeper_woken_for_a_request(disks: Disks) -> None:
+    """/sys/block/abuseN/abuse/dispatch: a GET asleep on an idle disk is woken at once."""
+    config = disks.create(16 * PAGE, timeout_ms=LONG_TIMEOUT_MS)
+    names = {
+        "wake_now",
+        "wake_lazy",
+        "wake_passed",
+        "sleeps",
+        "polls",
+        "poll_hits",
+        "batches",
+        "deferred",
+        "timer_runs",
+    }
+    assert _dispatch(config.index) == dict.fromkeys(names, 0)
+    worker = RawWorker(config.index)
+    try:
+        get = _blocking_get(worker)
+        wait_for(lambda: _asleep(get))
+        read = Background(lambda: direct_read(f"/dev/abuse{config.index}", 0, PAGE))
+        got = get.join().result
+        assert len(got) == 1
+        assert worker.put([worker.answer(got[0])]) == [0]
+        read.join()
+        counts = _dispatch(config.index)
+        assert counts["wake_now"] == 1 and counts["batches"] == 1 and counts["sleeps"] >= 1
+        assert counts["deferred"] == 0 and counts["wake_lazy"] == 0
+    finally:
+        worker.close()
+
+
 def test_interrupted_get_restarts_for_sa_restart_handlers(disks: Disks) -> None:
     """-ERESTARTSYS: a GET interrupted by a SA_RESTART handler goes on sleeping."""
     config = disks.create(16 * PAGE)
