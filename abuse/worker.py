@@ -60,6 +60,9 @@ _FUA = uapi.ABUSE_REQ_FUA
 
 _REQUEST = struct.Struct(uapi.struct_format("abuse_request"))  # handle offset data length op flags
 _REPLY = struct.Struct(uapi.struct_format("abuse_reply"))  # handle data length result status reserved
+# The plain batch's answer copies fields between these layouts whole
+# columns at a time (Worker._answer_plain); another layout takes the loop.
+_PLAIN_LAYOUTS = (_REQUEST.format, _REPLY.format) == ("=QQQIHH", "=QQIiiI") and {_READ, _WRITE} == {0, 1}
 
 DEFAULT_BATCH = 64
 DEFAULT_BUFFER_BYTES = 8 << 20
@@ -98,6 +101,13 @@ class Worker:
         self._xfer = Xfer(control, batch, self._pointer, size)
         self._requests = memoryview(uapi.ffi.buffer(self._xfer.requests))
         self._replies = memoryview(uapi.ffi.buffer(self._xfer.replies))
+        # Column views of the same arrays, for _answer_plain.
+        self._request_words = self._requests.cast("Q")
+        self._request_halves = self._requests.cast("H")
+        self._request_ints = self._requests.cast("I")
+        self._reply_words = self._replies.cast("Q")
+        self._reply_ints = self._replies.cast("I")
+        self._zeros = memoryview(bytes(len(self._replies))).cast("I")
         mapping = backend.mapping()
         self.in_place = mapping is not None and mapping[1] >= config.size and self._xfer.can_map
         if self.in_place:
@@ -231,6 +241,8 @@ class Worker:
         mapped_address = backend.mapped_address
         if self._overlapped:
             return self._run_overlapped(count)
+        if self.in_place and self._tokens is None and self._answer_plain(count):
+            return count
         call_backend = self._call_backend
         in_place = self.in_place
         view = self._view
@@ -264,6 +276,30 @@ class Worker:
             pack_reply(replies, at, handle, data, length, result, 0, 0)
             at += _REPLY.size
         return count
+
+    def _answer_plain(self, count: int) -> bool:
+        """Answer a batch of plain reads and writes served in place, if it is one.
+
+        Served in place, a read or write with no flags (no FUA) succeeds
+        with its own handle, data and length: the replies are those
+        columns of the requests, copied a column at a time (C loops, not
+        a Python loop per request).  False, with nothing written, if any
+        request is something else.
+        """
+        if not _PLAIN_LAYOUTS:
+            return False
+        words, halves = 4 * count, 16 * count
+        if any(self._request_halves[15:halves:16]) or max(self._request_halves[14:halves:16]) > 1:
+            return False
+        ints = 2 * words
+        request_words, reply_words, reply_ints = self._request_words, self._reply_words, self._reply_ints
+        reply_words[0:words:4] = request_words[0:words:4]  # handle
+        reply_words[1:words:4] = request_words[2:words:4]  # data
+        reply_ints[4:ints:8] = self._request_ints[6:ints:8]  # length
+        reply_ints[5:ints:8] = self._zeros[5:ints:8]  # result
+        reply_ints[6:ints:8] = self._zeros[6:ints:8]  # status
+        reply_ints[7:ints:8] = self._zeros[7:ints:8]  # reserved
+        return True
 
     def _run_overlapped(self, count: int) -> int:
         """``_run_batch`` for a backend with start_read/start_write.
@@ -318,6 +354,14 @@ class Worker:
 
     def close(self) -> None:
         """Release the buffer (the Control stays open)."""
+        for view in (
+            self._request_words,
+            self._request_halves,
+            self._request_ints,
+            self._reply_words,
+            self._reply_ints,
+        ):
+            view.release()
         self._requests.release()
         self._replies.release()
         self._view.release()

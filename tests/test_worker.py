@@ -269,6 +269,31 @@ class Null(Backend):
         pass
 
 
+def test_in_place_plain_batch_is_answered_by_columns(control: FakeControl) -> None:
+    """Plain reads and writes served in place: every reply field as the loop writes it."""
+    backend = Mapped()
+    worker = make(control, backend)
+    try:
+        xfer = worker._xfer
+        for reply in list(xfer.replies):  # what a previous batch may have left
+            reply.handle, reply.data, reply.length, reply.result, reply.status = 1, 2, 3, -5, -6
+            reply.__reserved = 7
+        plain = [(READ, 0, 4096, 4096), (WRITE, 0, 0, 8192), (READ, 0, 12288, 512)]
+        replies = batch(worker, *plain)
+        expected = [(100 + i, worker._base + i * 4096, size, 0) for i, (_, _, _, size) in enumerate(plain)]
+        assert replies == expected
+        for reply in list(xfer.replies)[: len(plain)]:
+            assert (int(reply.status), int(reply.__reserved)) == (0, 0)
+        assert backend.calls == []
+        assert worker._answer_plain(len(plain)), "a plain batch is answered by columns"
+        # Anything else (here a FUA write) takes the loop, which calls the backend for it.
+        batch(worker, (READ, 0, 0, 4096), (WRITE, FUA, 0, 4096))
+        assert backend.calls == [("flush",)]
+    finally:
+        worker.close()
+        backend.map.close()
+
+
 def test_hot_path_keeps_nothing_and_copies_no_data(control: FakeControl) -> None:
     """Batches of 64 KiB requests: no buffer per request, nothing kept.
 
