@@ -144,6 +144,9 @@ struct abuse_worker {
 	bool fenced;			/* killed by the fence: no more GETs */
 	unsigned long flags;		/* ABUSE_W_*, atomic bitops */
 	u64 serving_since;		/* ns: the GET that gave it its batch */
+	u64 exec_since;			/* its CPU time (ns) at that GET */
+	/* EWMAs of its cycles (GET to GET): wall and CPU time; hints */
+	u64 cycle_wall, cycle_cpu;
 	u32 batch_max;			/* its last GET's max_requests; a hint */
 	/* EWMA of its waits for work (the polling budget); racy between
 	 * threads sharing the file: a hint
@@ -620,15 +623,17 @@ static unsigned int abuse_reclaim_in_flight(struct abuse_device *dev)
  *    batch's GET to the next (cycle_ns: how long a request queued
  *    behind a busy worker waits for it) within [wake_min_us,
  *    wake_max_us], the wake timer wakes as many sleepers as the queue
- *    needs (abuse_workers_short): none while the lead (the last worker
- *    to take a batch) keeps up, one when it did not come back in time
- *    (it is stopped, or its backend is slow), more when the queue
- *    outgrew the serving workers.  A busy worker counts as such until
- *    one of its GETs finds the queue empty (abuse_set_serving);
+ *    needs (abuse_workers_short): one when the lead (the last worker
+ *    to take a batch) did not come back in time (it is stopped, or its
+ *    backend is slow); while the lead waits in its backend, one per
+ *    queued request; while it computes, none until the queue outgrew
+ *    what the serving workers take in three rounds.  A busy worker
+ *    counts as such until one of its GETs finds the queue empty,
+ *    polling included (abuse_set_serving);
  *  - with no sleeper there is nothing to do: a worker about to sleep
  *    looks at the queue first;
- *  - a worker back for more while the lead serves, runs on a CPU and
- *    keeps up leaves the queue to it (abuse_defer): it sleeps, and the
+ *  - a worker back for more while the lead serves, computes, runs on a
+ *    CPU and keeps up leaves the queue to it (abuse_defer): it sleeps, and the
  *    wake timer wakes it if the lead stops keeping up.  Else every
  *    worker woken once stayed busy, taking a share of each burst: on a
  *    machine whose CPUs the lead and the submitters already use, the
@@ -728,29 +733,60 @@ static bool abuse_enqueued(struct abuse_device *dev, u64 since)
 	return false;
 }
 
+/* Whether @w's task is on a CPU or waiting for one: a hint. */
+static bool abuse_worker_running(struct abuse_worker *w)
+	__must_hold(&w->dev->lock)
+{
+	struct task_struct *task;
+	bool running;
+
+	/* The leader of the last GET's process: a worker's one thread. */
+	rcu_read_lock();
+	task = pid_task(w->owner, PIDTYPE_TGID);
+	running = task && task_is_running(task);
+	rcu_read_unlock();
+	return running;
+}
+
+/*
+ * Whether @w spends most of its cycles on a CPU (a backend that
+ * computes, or copies) rather than waiting (a network, a slow disk).
+ * The scheduler brings sum_exec_runtime up to date at ticks and
+ * switches, so one cycle's figure is coarse; their averages are not.
+ */
+static bool abuse_worker_computes(struct abuse_worker *w)
+{
+	return 2 * READ_ONCE(w->cycle_cpu) >= READ_ONCE(w->cycle_wall);
+}
+
 /*
  * How many more workers the queue needs, now that its oldest request
- * waited longer than the bound: none while the lead keeps up (it came
- * back within the bound, and the serving workers' next GETs take the
- * queue in three rounds at most: a deep queue waits some rounds by
- * design), one to replace a lead that is stuck (stopped, or its backend
- * is slow), more for a queue that outgrew the serving workers.
+ * waited longer than the bound: one to replace a lead (the last worker
+ * to take a batch) that did not come back within the bound (stopped, or
+ * its backend is slow).  If the lead waits in its backend, one per
+ * queued request: the serving workers wait too, and a request should
+ * not wait while an idle worker could start it.  If it computes, as
+ * many as the serving workers lack to take the queue in three rounds:
+ * more workers would only share the busy CPUs, and a deep queue waits
+ * some rounds by design.  Each serving worker is assumed to take what
+ * the lead asked for (batch_max).
  */
 static unsigned int abuse_workers_short(struct abuse_device *dev, u64 now,
 					u64 bound)
 	__must_hold(&dev->lock)
 {
 	struct abuse_worker *lead = dev->lead;
-	u64 rounds;
+	u64 per_worker, need, serving;
 
 	if (!lead || !test_bit(ABUSE_W_SERVING, &lead->flags) ||
 	    now - READ_ONCE(lead->serving_since) >= bound)
 		return 1;
-	rounds = 3ULL * max_t(u32, READ_ONCE(lead->batch_max), 1) *
-		 max(atomic_read(&dev->nr_serving), 1);
-	if (dev->stats.queued <= rounds)
-		return 0;
-	return max_t(u64, div64_u64(dev->stats.queued, rounds), 1);
+	if (!abuse_worker_computes(lead))
+		return min_t(u64, dev->stats.queued, UINT_MAX);
+	per_worker = 3ULL * max_t(u32, READ_ONCE(lead->batch_max), 1);
+	need = div64_u64(dev->stats.queued + per_worker - 1, per_worker);
+	serving = atomic_read(&dev->nr_serving);
+	return need > serving ? min_t(u64, need - serving, UINT_MAX) : 0;
 }
 
 /*
@@ -821,7 +857,7 @@ static enum hrtimer_restart abuse_wake_timer_fn(struct hrtimer *timer)
 static void abuse_set_serving(struct abuse_device *dev,
 			      struct abuse_worker *w, bool serving)
 {
-	u64 now, avg;
+	u64 now, exec, avg, cycle;
 
 	if (!serving) {
 		if (test_and_clear_bit(ABUSE_W_SERVING, &w->flags))
@@ -829,14 +865,21 @@ static void abuse_set_serving(struct abuse_device *dev,
 		return;
 	}
 	now = local_clock();
+	exec = current->se.sum_exec_runtime;
 	if (test_and_set_bit(ABUSE_W_SERVING, &w->flags)) {
+		cycle = now - w->serving_since;
 		avg = READ_ONCE(dev->cycle_ns);
-		WRITE_ONCE(dev->cycle_ns,
-			   avg - avg / 8 + (now - w->serving_since) / 8);
+		WRITE_ONCE(dev->cycle_ns, avg - avg / 8 + cycle / 8);
+		avg = READ_ONCE(w->cycle_wall);
+		WRITE_ONCE(w->cycle_wall, avg - avg / 16 + cycle / 16);
+		avg = READ_ONCE(w->cycle_cpu);
+		WRITE_ONCE(w->cycle_cpu,
+			   avg - avg / 16 + (exec - w->exec_since) / 16);
 	} else {
 		atomic_inc(&dev->nr_serving);
 	}
 	WRITE_ONCE(w->serving_since, now);
+	w->exec_since = exec;
 }
 
 /* ---------------------------------------------------------------------
@@ -1296,21 +1339,6 @@ static u64 abuse_buffer_need(struct request *rq)
 	return round_up((u64)blk_rq_bytes(rq), ABUSE_DATA_ALIGN);
 }
 
-/* Whether @w's task is on a CPU or waiting for one: a hint. */
-static bool abuse_worker_running(struct abuse_worker *w)
-	__must_hold(&w->dev->lock)
-{
-	struct task_struct *task;
-	bool running;
-
-	/* The leader of the last GET's process: a worker's one thread. */
-	rcu_read_lock();
-	task = pid_task(w->owner, PIDTYPE_TGID);
-	running = task && task_is_running(task);
-	rcu_read_unlock();
-	return running;
-}
-
 /*
  * Whether @w, back for more with nothing in hand, should leave the
  * queue to the lead (see "Dispatch"): the lead runs on a CPU and keeps
@@ -1328,6 +1356,7 @@ static bool abuse_defer(struct abuse_device *dev, struct abuse_worker *w)
 	bound = abuse_wake_bound(dev);
 	if (!head || !bound || dev->lead == w ||
 	    abuse_workers_short(dev, local_clock(), bound) ||
+	    !abuse_worker_computes(dev->lead) ||
 	    !abuse_worker_running(dev->lead))
 		return false;
 	since = head->queued_ns;
