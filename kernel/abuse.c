@@ -671,6 +671,26 @@ static u64 abuse_ns_until(u64 when)
 	return when > now ? when - now : 0;
 }
 
+/* Fold @sample into the moving average at @avg, with weight 1/@weight. */
+static void abuse_fold(u64 *avg, u64 sample, unsigned int weight)
+{
+	u64 old = READ_ONCE(*avg);
+
+	WRITE_ONCE(*avg, old - old / weight + sample / weight);
+}
+
+/*
+ * Arm the wake timer for @when unless it is armed: an armed timer looks
+ * at the queue when it fires, and again while requests are queued.
+ */
+static void abuse_arm_wake_timer(struct abuse_device *dev, u64 when)
+{
+	if (!test_and_set_bit(ABUSE_DEV_TIMER_ARMED, &dev->flags))
+		hrtimer_start(&dev->wake_timer,
+			      ns_to_ktime(abuse_ns_until(when)),
+			      HRTIMER_MODE_REL);
+}
+
 /* The lazy wake-up's bound, in ns; 0 when the module parameter is 0. */
 static u64 abuse_wake_bound(struct abuse_device *dev)
 {
@@ -725,11 +745,7 @@ static bool abuse_enqueued(struct abuse_device *dev, u64 since)
 	if (!atomic_read(&dev->nr_serving) &&
 	    !test_and_set_bit(ABUSE_DEV_WAKING, &dev->flags))
 		return true;
-	/* An armed timer looks at every queued request when it fires. */
-	if (!test_and_set_bit(ABUSE_DEV_TIMER_ARMED, &dev->flags))
-		hrtimer_start(&dev->wake_timer,
-			      ns_to_ktime(abuse_ns_until(since + bound)),
-			      HRTIMER_MODE_REL);
+	abuse_arm_wake_timer(dev, since + bound);
 	return false;
 }
 
@@ -857,7 +873,7 @@ static enum hrtimer_restart abuse_wake_timer_fn(struct hrtimer *timer)
 static void abuse_set_serving(struct abuse_device *dev,
 			      struct abuse_worker *w, bool serving)
 {
-	u64 now, exec, avg, cycle;
+	u64 now, exec, cycle;
 
 	if (!serving) {
 		if (test_and_clear_bit(ABUSE_W_SERVING, &w->flags))
@@ -868,13 +884,9 @@ static void abuse_set_serving(struct abuse_device *dev,
 	exec = current->se.sum_exec_runtime;
 	if (test_and_set_bit(ABUSE_W_SERVING, &w->flags)) {
 		cycle = now - w->serving_since;
-		avg = READ_ONCE(dev->cycle_ns);
-		WRITE_ONCE(dev->cycle_ns, avg - avg / 8 + cycle / 8);
-		avg = READ_ONCE(w->cycle_wall);
-		WRITE_ONCE(w->cycle_wall, avg - avg / 16 + cycle / 16);
-		avg = READ_ONCE(w->cycle_cpu);
-		WRITE_ONCE(w->cycle_cpu,
-			   avg - avg / 16 + (exec - w->exec_since) / 16);
+		abuse_fold(&dev->cycle_ns, cycle, 8);
+		abuse_fold(&w->cycle_wall, cycle, 16);
+		abuse_fold(&w->cycle_cpu, exec - w->exec_since, 16);
 	} else {
 		atomic_inc(&dev->nr_serving);
 	}
@@ -1350,7 +1362,7 @@ static bool abuse_defer(struct abuse_device *dev, struct abuse_worker *w)
 	__must_hold(&dev->lock)
 {
 	struct abuse_cmd *head;
-	u64 bound, since;
+	u64 bound;
 
 	head = list_first_entry_or_null(&dev->queue, struct abuse_cmd, node);
 	bound = abuse_wake_bound(dev);
@@ -1359,11 +1371,7 @@ static bool abuse_defer(struct abuse_device *dev, struct abuse_worker *w)
 	    !abuse_worker_computes(dev->lead) ||
 	    !abuse_worker_running(dev->lead))
 		return false;
-	since = head->queued_ns;
-	if (!test_and_set_bit(ABUSE_DEV_TIMER_ARMED, &dev->flags))
-		hrtimer_start(&dev->wake_timer,
-			      ns_to_ktime(abuse_ns_until(since + bound)),
-			      HRTIMER_MODE_REL);
+	abuse_arm_wake_timer(dev, head->queued_ns + bound);
 	return true;
 }
 
@@ -1620,9 +1628,8 @@ static long abuse_wait_work(struct abuse_device *dev, long timeout,
 static void abuse_note_gap(struct abuse_worker *w, u64 ns)
 {
 	u64 cap = 4ULL * READ_ONCE(spin_max_us) * NSEC_PER_USEC;
-	u64 avg = READ_ONCE(w->gap_ns);
 
-	WRITE_ONCE(w->gap_ns, avg - avg / 8 + min(ns, cap) / 8);
+	abuse_fold(&w->gap_ns, min(ns, cap), 8);
 }
 
 /*
