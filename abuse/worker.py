@@ -118,7 +118,14 @@ class Worker:
             self._xfer.use_tokens()
             self._tokens = memoryview(uapi.ffi.buffer(self._xfer.tokens)).cast("Q")
         self._batch = batch
-        self._per_request_ns = 0  # moving average of a request's service time
+        # Moving average of a request's service time.  Until it is
+        # measured, one request fills the budget: a new worker takes one
+        # request at a time, so that the first GET of a slow backend's
+        # worker does not take a whole burst that idle workers could
+        # start; a fast backend's batches grow within ~70 of them.
+        self._per_request_ns = BATCH_BUDGET_NS
+        if BATCH_BUDGET_NS:
+            self._xfer.limit = 1
         # A backend with start_read/start_write keeps a whole batch in
         # flight: the batch is bounded by its queue_depth and queue_bytes
         # (the part of the buffer the kernel may fill), not by time.

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -25,10 +26,12 @@ from bench.jobs import Job
 
 PARAMS = Path("/sys/module/abuse/parameters")
 MODES = {
-    "old": {"wake_max_us": "0", "wake_min_us": "2000", "spin_max_us": "0"},
-    "new": {"wake_max_us": "10000", "wake_min_us": "2000", "spin_max_us": "200"},
+    "old": {"wake_max_us": "0", "wake_min_us": "2000", "spin_max_us": "0", "share_kib": "0"},
+    "new": {"wake_max_us": "10000", "wake_min_us": "2000", "spin_max_us": "200", "share_kib": "1024"},
     # the same with a lazy wake-up as soon as 50 us (before 2026-12-01): more timer runs
-    "min50us": {"wake_max_us": "10000", "wake_min_us": "50", "spin_max_us": "200"},
+    "min50us": {"wake_max_us": "10000", "wake_min_us": "50", "spin_max_us": "200", "share_kib": "0"},
+    # the same with one GET taking every queued big request (before 2026-12-02)
+    "noshare": {"wake_max_us": "10000", "wake_min_us": "2000", "spin_max_us": "200", "share_kib": "0"},
 }
 # The worker's batch budget (ABUSE_BATCH_BUDGET_US): adaptive, and off.
 BUDGETS_US = ("1000", "0")
@@ -38,6 +41,8 @@ JOBS = (
     Job("randread-4k-qd128", "randread", "4k", 128),
     Job("randread-4k-qd1", "randread", "4k", 1),
     Job("seqread-1M-qd4", "read", "1M", 4),
+    Job("seqwrite-1M-qd4", "write", "1M", 4),
+    Job("randwrite-4k-qd128", "randwrite", "4k", 128),
 )
 
 
@@ -106,6 +111,22 @@ def _line(row: dict[str, Any]) -> str:
     )
 
 
+def _medians(rows: list[dict[str, Any]]) -> list[str]:
+    """Median IOPS of each mode, workers, budget and job over the rounds, and its ratio to 1 worker."""
+    runs: dict[tuple[str, int, int, str], list[float]] = {}
+    for row in rows:
+        runs.setdefault((row["mode"], row["budget_us"], row["workers"], row["job"]), []).append(row["iops"])
+    medians = {key: statistics.median(iops) for key, iops in runs.items()}
+    lines = ["", "medians over the rounds: mode budget workers job  IOPS  vs-1-worker  (min-max)"]
+    for (mode, budget, workers, job), median in medians.items():
+        one = medians.get((mode, budget, 1, job))
+        ratio = f"{median / one:.2f}x" if one else "-"
+        low, high = min(runs[mode, budget, workers, job]), max(runs[mode, budget, workers, job])
+        spread = f"({low:.0f}-{high:.0f})"
+        lines.append(f"{mode:8} {budget:6} {workers:7} {job:20} {median:8.0f} {ratio:>6}  {spread}")
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", type=Path, required=True)
@@ -115,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--modes", default=",".join(MODES), help="of: " + ", ".join(MODES))
     parser.add_argument("--budgets", default=",".join(BUDGETS_US), help="ABUSE_BATCH_BUDGET_US values")
     parser.add_argument("--jobs", default="", help="job names (default: all)")
+    parser.add_argument("--rounds", type=int, default=1, help="runs of every mode and job, interleaved")
     args, _ = parser.parse_known_args(argv)
     modes = {name: MODES[name] for name in args.modes.split(",")}
     jobs = [job for job in JOBS if not args.jobs or job.name in args.jobs.split(",")]
@@ -129,14 +151,18 @@ def main(argv: list[str] | None = None) -> int:
             os.environ["ABUSE_BATCH_BUDGET_US"] = budget
             with abuse_disk(args.size, "memory", workers, 64) as device:
                 prefill(device)
-                for mode, params in modes.items():
-                    _set(params)
-                    for job in jobs:
-                        row = _measure(device, job, args.runtime)
-                        row.update(mode=mode, workers=workers, budget_us=int(budget))
-                        rows.append(row)
-                        lines.append(_line(row))
-                        print(lines[-1], flush=True)
+                for _ in range(args.rounds):
+                    for mode, params in modes.items():
+                        _set(params)
+                        for job in jobs:
+                            row = _measure(device, job, args.runtime)
+                            row.update(mode=mode, workers=workers, budget_us=int(budget))
+                            rows.append(row)
+                            lines.append(_line(row))
+                            print(lines[-1], flush=True)
+    if args.rounds > 1:
+        lines += _medians(rows)
+        print("\n".join(_medians(rows)), flush=True)
     _set(MODES["new"])
     (PARAMS / "lock_stats").write_text("0")
     args.out.joinpath("lock-probe.txt").write_text("\n".join(lines) + "\n")

@@ -54,6 +54,14 @@ static unsigned int wake_min_us = 2000;
 module_param(wake_min_us, uint, 0644);
 MODULE_PARM_DESC(wake_min_us,
 		 "Shortest a queued request waits for a busy worker before an idle one is woken (us)");
+/*
+ * Above what a batch of small requests holds (64 of 4 KiB), so those
+ * stay with one worker.
+ */
+static unsigned int share_kib = 1024;
+module_param(share_kib, uint, 0644);
+MODULE_PARM_DESC(share_kib,
+		 "Data a GET takes while another worker sleeps; the rest is that one's, woken at once (KiB; 0: no limit)");
 static unsigned int spin_max_us = 200;
 module_param(spin_max_us, uint, 0644);
 MODULE_PARM_DESC(spin_max_us,
@@ -185,6 +193,7 @@ struct abuse_device {
 	struct abuse_config config;	/* size and read-only change online */
 	struct abuse_counters stats;	/* queued/in_flight/attached: current */
 	struct list_head queue;		/* QUEUED requests, oldest first */
+	u64 queued_bytes;		/* data of the QUEUED reads and writes */
 	struct list_head workers;	/* attached files' abuse_worker */
 	struct request **rqs;		/* by tag: every request not IDLE */
 	u64 last_token;			/* fencing token of the last hand-out */
@@ -388,6 +397,26 @@ static inline u64 abuse_handle(struct request *rq)
 	return (u64)abuse_cmd(rq)->gen << 32 | rq->tag;
 }
 
+/*
+ * A GET stops taking requests once it holds this much data while another
+ * worker sleeps, and wakes that one for the rest (share_kib; U64_MAX
+ * when 0): big requests are copied by several workers at once.
+ */
+static u64 abuse_share_bytes(void)
+{
+	u64 kib = READ_ONCE(share_kib);
+
+	return kib ? kib * SZ_1K : U64_MAX;
+}
+
+/* Bytes of data a read or write carries; 0 for the other requests. */
+static u32 abuse_payload(struct request *rq)
+{
+	if (req_op(rq) != REQ_OP_READ && req_op(rq) != REQ_OP_WRITE)
+		return 0;
+	return blk_rq_bytes(rq);
+}
+
 /* Move @rq to @state and keep the counters true.  Must hold dev->lock. */
 static void abuse_set_state(struct abuse_device *dev, struct request *rq,
 			    enum abuse_cmd_state state)
@@ -399,15 +428,18 @@ static void abuse_set_state(struct abuse_device *dev, struct request *rq,
 	if (cmd->state == ABUSE_CMD_QUEUED) {
 		list_del_init(&cmd->node);
 		dev->stats.queued--;
+		dev->queued_bytes -= abuse_payload(rq);
 	} else if (cmd->state != ABUSE_CMD_IDLE) {
 		dev->stats.in_flight--;
 	}
 
 	cmd->state = state;
-	if (state == ABUSE_CMD_QUEUED)
+	if (state == ABUSE_CMD_QUEUED) {
 		dev->stats.queued++;
-	else if (state != ABUSE_CMD_IDLE)
+		dev->queued_bytes += abuse_payload(rq);
+	} else if (state != ABUSE_CMD_IDLE) {
 		dev->stats.in_flight++;
+	}
 }
 
 /*
@@ -640,6 +672,12 @@ static unsigned int abuse_reclaim_in_flight(struct abuse_device *dev)
  *    extra worker only took CPU time from them (two workers ran at
  *    0.6x of one).  A lead that sleeps (a backend that waits) or is
  *    stopped is not waited for;
+ *  - big requests are shared: a GET that holds share_kib of data
+ *    while another worker sleeps leaves the rest, and wakes that one
+ *    at once (abuse_share); no worker defers to the lead while that
+ *    much is queued.  Most of a big request's time is its copy, which a
+ *    second worker does on another CPU: one worker alone copied every
+ *    request of a burst while the others slept;
  *  - otherwise one sleeper is woken at once, and the requests that
  *    follow it before it looks at the queue (ABUSE_DEV_WAKING) wait for
  *    it as for a busy worker.  Without that, each request of a burst
@@ -801,6 +839,8 @@ static unsigned int abuse_workers_short(struct abuse_device *dev, u64 now,
 		return min_t(u64, dev->stats.queued, UINT_MAX);
 	per_worker = 3ULL * max_t(u32, READ_ONCE(lead->batch_max), 1);
 	need = div64_u64(dev->stats.queued + per_worker - 1, per_worker);
+	/* Big requests: one worker per share of data (abuse_share). */
+	need = max(need, div64_u64(dev->queued_bytes, abuse_share_bytes()));
 	serving = atomic_read(&dev->nr_serving);
 	return need > serving ? min_t(u64, need - serving, UINT_MAX) : 0;
 }
@@ -1346,9 +1386,22 @@ static void abuse_describe(struct request *rq, u64 data,
 /* Buffer bytes a request needs: reads and writes carry data. */
 static u64 abuse_buffer_need(struct request *rq)
 {
-	if (req_op(rq) != REQ_OP_READ && req_op(rq) != REQ_OP_WRITE)
-		return 0;
-	return round_up((u64)blk_rq_bytes(rq), ABUSE_DATA_ALIGN);
+	return round_up((u64)abuse_payload(rq), ABUSE_DATA_ALIGN);
+}
+
+/*
+ * Whether the queue holds more data than one GET takes while another
+ * worker sleeps (share_kib), and a sleeper is to be woken for it now:
+ * copies of big requests take long enough for a second worker to halve
+ * them.  One wake-up at a time (ABUSE_DEV_WAKING): the woken one passes
+ * the next on if a share is still left.
+ */
+static bool abuse_share(struct abuse_device *dev)
+	__must_hold(&dev->lock)
+{
+	return dev->queued_bytes >= abuse_share_bytes() &&
+	       wq_has_sleeper(&dev->get_wait) &&
+	       !test_and_set_bit(ABUSE_DEV_WAKING, &dev->flags);
 }
 
 /*
@@ -1367,6 +1420,7 @@ static bool abuse_defer(struct abuse_device *dev, struct abuse_worker *w)
 	head = list_first_entry_or_null(&dev->queue, struct abuse_cmd, node);
 	bound = abuse_wake_bound(dev);
 	if (!head || !bound || dev->lead == w ||
+	    dev->queued_bytes >= abuse_share_bytes() ||
 	    abuse_workers_short(dev, local_clock(), bound) ||
 	    !abuse_worker_computes(dev->lead) ||
 	    !abuse_worker_running(dev->lead))
@@ -1379,6 +1433,8 @@ static bool abuse_defer(struct abuse_device *dev, struct abuse_worker *w)
  * Hand out up to ABUSE_GET_CHUNK queued requests into @x from slot *@n,
  * taking dev->lock twice for all of them: once to take them from the
  * queue, once to mark them in flight after their payloads were copied.
+ * *@payload counts the data this GET took; past share_kib it
+ * leaves the rest to a sleeper, if there is one.
  * Returns how many were delivered (*@n grows by as many), 0 if nothing
  * is queued or fits, or if it left the queue to the lead (*@deferred
  * set; only if @deferred is not NULL), -EAGAIN if all it took were
@@ -1387,11 +1443,12 @@ static bool abuse_defer(struct abuse_device *dev, struct abuse_worker *w)
  */
 static int abuse_get_chunk(struct abuse_device *dev, struct abuse_worker *w,
 			   struct abuse_xfer *x, u32 *n, u64 *used,
-			   bool *deferred)
+			   u64 *payload, bool *deferred)
 {
 	struct abuse_request __user *udesc = u64_to_user_ptr(x->requests);
 	u64 __user *utokens = u64_to_user_ptr(x->tokens);
 	u32 want = min_t(u32, x->max_requests - *n, ABUSE_GET_CHUNK);
+	u64 share = abuse_share_bytes();
 	struct abuse_request descs[ABUSE_GET_CHUNK];
 	struct request *rqs[ABUSE_GET_CHUNK];
 	u64 tokens[ABUSE_GET_CHUNK];
@@ -1417,6 +1474,9 @@ static int abuse_get_chunk(struct abuse_device *dev, struct abuse_worker *w,
 		cmd = list_first_entry_or_null(&dev->queue, struct abuse_cmd,
 					       node);
 		if (!cmd)
+			break;
+		if (*payload >= share &&
+		    wq_has_sleeper(&dev->get_wait))
 			break;
 		rq = blk_mq_rq_from_pdu(cmd);
 		need = abuse_buffer_need(rq);
@@ -1449,6 +1509,7 @@ static int abuse_get_chunk(struct abuse_device *dev, struct abuse_worker *w,
 		tokens[taken] = ++dev->last_token;
 		abuse_describe(rq, data, &descs[taken]);
 		*used += need;
+		*payload += abuse_payload(rq);
 		rqs[taken++] = rq;
 	}
 	if (taken)
@@ -1643,7 +1704,7 @@ static int abuse_get(struct abuse_device *dev, struct abuse_worker *w,
 {
 	struct pid *me = task_tgid(current);
 	long wait = MAX_SCHEDULE_TIMEOUT;
-	u64 used = 0, waiting = 0;
+	u64 used = 0, payload = 0, waiting = 0;
 	struct abuse_cmd *head;
 	bool leftover, deferred;
 	u32 n = 0;
@@ -1671,7 +1732,7 @@ static int abuse_get(struct abuse_device *dev, struct abuse_worker *w,
 		deferred = false;
 		while (n < x->max_requests) {
 			/* Only a GET that may wait leaves work to the lead. */
-			ret = abuse_get_chunk(dev, w, x, &n, &used,
+			ret = abuse_get_chunk(dev, w, x, &n, &used, &payload,
 					      wait ? &deferred : NULL);
 			if (ret == -EAGAIN)
 				continue;
@@ -1714,15 +1775,17 @@ static int abuse_get(struct abuse_device *dev, struct abuse_worker *w,
 		abuse_count(dev, ABUSE_DS_BATCHES, 1);
 
 	/*
-	 * Work left behind: pass the wake-up on, lazily if we now hold a
-	 * batch (abuse_enqueued), since we may well take it ourselves.
+	 * Work left behind: pass the wake-up on, at once for a share of big
+	 * requests (abuse_share), else lazily if we now hold a batch
+	 * (abuse_enqueued), since we may well take it ourselves.
 	 */
 	if (abuse_has_work(dev)) {
 		spin_lock_irq(&dev->lock);
 		abuse_take_submitted(dev);
 		head = list_first_entry_or_null(&dev->queue, struct abuse_cmd,
 						node);
-		leftover = head && abuse_enqueued(dev, head->queued_ns);
+		leftover = head && (abuse_share(dev) ||
+				    abuse_enqueued(dev, head->queued_ns));
 		spin_unlock_irq(&dev->lock);
 		if (leftover)
 			abuse_wake(dev, 1, ABUSE_DS_WAKE_PASSED);

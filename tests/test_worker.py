@@ -358,6 +358,21 @@ class Overlapped(Recorder):
         return finish
 
 
+def test_a_new_worker_takes_one_request_until_it_measured_its_backend(control: FakeControl) -> None:
+    """A slow backend's first GET must not take a burst that idle workers could start."""
+    worker = make(control, Recorder())
+    try:
+        assert worker._xfer.limit == 1
+        for _ in range(100):
+            worker._adapt_batch(1, 0)  # a request that took less than a clock tick
+        assert worker._xfer.limit == 8, "a fast backend grows to --batch"
+        for _ in range(100):
+            worker._adapt_batch(1, 5_000_000)  # 5 ms per request
+        assert worker._xfer.limit == 1
+    finally:
+        worker.close()
+
+
 def test_overlaps_needs_both_start_methods() -> None:
     class ReadsOnly(Recorder):
         def start_read(self, offset: int, buf: memoryview) -> Callable[[], None]:

@@ -33,6 +33,7 @@ class RawWorker:
         self._pointer = ffi.from_buffer(self.buffer)
         self.base = int(ffi.cast("uintptr_t", self._pointer))
         self.xfer = Xfer(self.control, batch, self._pointer, buffer_bytes)
+        self.fetched: list[Request] = []
 
     def get(self, wait: bool = False, wait_ms: int | None = None) -> list[Request]:
         count = self.xfer.exchange(0, wait=wait, wait_ms=wait_ms)
@@ -43,13 +44,18 @@ class RawWorker:
         return Request(int(r.handle), int(r.offset), int(r.data), int(r.length), int(r.op), int(r.flags))
 
     def put(self, replies: list[dict[str, int]], fetch: bool = False) -> list[int]:
-        """PUT ``replies`` (dicts of abuse_reply fields); return statuses."""
+        """PUT ``replies`` (dicts of abuse_reply fields); return statuses.
+
+        With ``fetch``, the same call GETs (without waiting): its requests
+        are in ``fetched``.
+        """
         for i, fields in enumerate(replies):
             entry = self.xfer.replies[i]
             ffi.memmove(ffi.addressof(entry), bytes(ffi.sizeof(entry)), ffi.sizeof(entry))
             for name, value in fields.items():
                 setattr(entry, name, value)
-        self.xfer.exchange(len(replies), wait=False, fetch=fetch)
+        got = self.xfer.exchange(len(replies), wait=False, fetch=fetch)
+        self.fetched = [self._request(i) for i in range(got)]
         return [int(self.xfer.replies[i].status) for i in range(len(replies))]
 
     def answer(self, request: Request, result: int = 0) -> dict[str, int]:

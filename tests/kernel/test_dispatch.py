@@ -16,6 +16,7 @@ import os
 import select
 import signal
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -354,6 +355,91 @@ def test_dispatch_counts_a_sleeper_woken_for_a_request(disks: Disks) -> None:
         counts = _dispatch(config.index)
         assert counts["wake_now"] == 1 and counts["batches"] == 1 and counts["sleeps"] >= 1
         assert counts["deferred"] == 0 and counts["wake_lazy"] == 0
+    finally:
+        worker.close()
+
+
+MIB = 1 << 20
+WAKE_MIN_US = Path("/sys/module/abuse/parameters/wake_min_us")
+
+
+@pytest.fixture
+def no_lazy_wakeups() -> Iterator[None]:
+    """The lazy wake-up's bound at ten minutes: within a test, the timer wakes nobody."""
+    old = WAKE_MIN_US.read_text().strip()
+    WAKE_MIN_US.write_text(str(600 * 1_000_000))
+    try:
+        yield
+    finally:
+        WAKE_MIN_US.write_text(old)
+
+
+def _waiting_for_io(job: Background) -> bool:
+    """Whether ``job``'s thread sleeps uninterruptibly: an O_DIRECT call submitted its requests."""
+    with open(f"/proc/self/task/{job.tid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0] == "D"
+
+
+def _three_writes_of_a_mib(dev: str) -> list[Background]:
+    writes = [Background(lambda i=i: direct_write(dev, (1 + i) * MIB, pattern(i, MIB))) for i in range(3)]
+    wait_for(lambda: all(_waiting_for_io(write) for write in writes))
+    return writes
+
+
+def _answer_writes(worker: RawWorker, got: list[Request]) -> None:
+    """Check each write's data against what _three_writes_of_a_mib wrote, and answer it."""
+    for request in got:
+        seed, start = divmod(request.offset - MIB, MIB)
+        assert request.op == uapi.ABUSE_OP_WRITE
+        assert worker.data(request) == pattern(seed, MIB)[start : start + request.length]
+    assert worker.put([worker.answer(request) for request in got]) == [0] * len(got)
+
+
+def test_big_requests_are_shared_with_a_sleeper(disks: Disks, no_lazy_wakeups: None) -> None:
+    """A GET that holds 1 MiB of data leaves the rest to a sleeping worker and wakes it at once.
+
+    Most of a big request's time is its copy, which two workers do on two
+    CPUs.  Three 1 MiB writes queue while the lead holds a batch (lazily:
+    with the wake timer ten minutes away, only the share can wake the
+    other worker); the lead's next GET takes 1 MiB and the sleeper the rest.
+    """
+    config = disks.create(8 * MIB, timeout_ms=LONG_TIMEOUT_MS)
+    dev = f"/dev/abuse{config.index}"
+    lead, helper = RawWorker(config.index), RawWorker(config.index)
+    try:
+        first = Background(lambda: direct_read(dev, 0, PAGE))
+        held = lead.get(wait=True)
+        get = _blocking_get(helper)
+        wait_for(lambda: _asleep(get))
+        writes = _three_writes_of_a_mib(dev)
+        # PUT+GET in one call: a PUT alone would pass the queue on.
+        assert lead.put([lead.answer(held[0])], fetch=True) == [0]
+        first.join()
+        taken = lead.fetched
+        shared = get.join(timeout=LONG_TIMEOUT_MS / 1000).result
+        lead_bytes, helper_bytes = (sum(r.length for r in got) for got in (taken, shared))
+        assert MIB <= lead_bytes < 3 * MIB and lead_bytes + helper_bytes == 3 * MIB
+        assert _dispatch(config.index)["wake_passed"] >= 1
+        _answer_writes(lead, taken)
+        _answer_writes(helper, shared)
+        for write in writes:
+            write.join()
+    finally:
+        lead.close()
+        helper.close()
+
+
+def test_a_lone_worker_takes_every_big_request_at_once(disks: Disks) -> None:
+    """With nobody asleep to share with, one GET takes all the queued data."""
+    config = disks.create(8 * MIB, timeout_ms=LONG_TIMEOUT_MS)
+    worker = RawWorker(config.index)
+    try:
+        writes = _three_writes_of_a_mib(f"/dev/abuse{config.index}")
+        taken = worker.get()
+        assert sum(r.length for r in taken) == 3 * MIB
+        _answer_writes(worker, taken)
+        for write in writes:
+            write.join()
     finally:
         worker.close()
 
