@@ -49,6 +49,19 @@ def _asleep(job: Background) -> bool:
     return asleep_in_driver(f"/proc/self/task/{job.tid}")
 
 
+def _hold_and_sleep(holder: RawWorker, other: RawWorker, dev: str) -> tuple[Background, Request, Background]:
+    """``holder`` takes a batch of one read and keeps it; ``other`` then sleeps in a blocking GET.
+
+    Returns the read (in the background), the held request and the GET.
+    """
+    first = Background(lambda: direct_read(dev, 0, PAGE))
+    held = holder.get(wait=True)
+    assert len(held) == 1
+    get = _blocking_get(other)
+    wait_for(lambda: _asleep(get))
+    return first, held[0], get
+
+
 def test_a_holder_that_never_returns_does_not_strand_new_requests(disks: Disks) -> None:
     """One worker holds a batch and stops; the next request reaches the other one.
 
@@ -62,19 +75,15 @@ def test_a_holder_that_never_returns_does_not_strand_new_requests(disks: Disks) 
     dev = f"/dev/abuse{config.index}"
     holder, other = RawWorker(config.index), RawWorker(config.index)
     try:
-        first = Background(lambda: direct_read(dev, 0, PAGE))
-        held = holder.get(wait=True)
-        assert len(held) == 1
-        # The holder now "stops": it keeps its batch and never calls again.
-        get = _blocking_get(other)
-        wait_for(lambda: _asleep(get))
+        # The holder "stops": it keeps its batch and never calls again.
+        first, held, get = _hold_and_sleep(holder, other, dev)
         second = Background(lambda: direct_write(dev, PAGE, pattern(1, PAGE)))
         got = get.join(timeout=LONG_TIMEOUT_MS / 1000).result
         assert [(r.offset, r.op) for r in got] == [(PAGE, uapi.ABUSE_OP_WRITE)]
         assert other.put([other.answer(got[0])]) == [0]
         second.join()
         assert _counters(config.index)["timeouts"] == 0
-        assert holder.put([holder.answer(held[0])]) == [0]
+        assert holder.put([holder.answer(held)]) == [0]
         first.join()
     finally:
         holder.close()
@@ -407,13 +416,10 @@ def test_big_requests_are_shared_with_a_sleeper(disks: Disks, no_lazy_wakeups: N
     dev = f"/dev/abuse{config.index}"
     lead, helper = RawWorker(config.index), RawWorker(config.index)
     try:
-        first = Background(lambda: direct_read(dev, 0, PAGE))
-        held = lead.get(wait=True)
-        get = _blocking_get(helper)
-        wait_for(lambda: _asleep(get))
+        first, held, get = _hold_and_sleep(lead, helper, dev)
         writes = _three_writes_of_a_mib(dev)
         # PUT+GET in one call: a PUT alone would pass the queue on.
-        assert lead.put([lead.answer(held[0])], fetch=True) == [0]
+        assert lead.put([lead.answer(held)], fetch=True) == [0]
         first.join()
         taken = lead.fetched
         shared = get.join(timeout=LONG_TIMEOUT_MS / 1000).result
