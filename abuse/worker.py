@@ -40,6 +40,7 @@ import logging
 import mmap
 import os
 import struct
+import sys
 from typing import Any, Callable
 
 from abuse import uapi
@@ -62,7 +63,12 @@ _REQUEST = struct.Struct(uapi.struct_format("abuse_request"))  # handle offset d
 _REPLY = struct.Struct(uapi.struct_format("abuse_reply"))  # handle data length result status reserved
 # The plain batch's answer copies fields between these layouts whole
 # columns at a time (Worker._answer_plain); another layout takes the loop.
-_PLAIN_LAYOUTS = (_REQUEST.format, _REPLY.format) == ("=QQQIHH", "=QQIiiI") and {_READ, _WRITE} == {0, 1}
+# Little-endian: a request's op is the low half of its 8th int, flags the high.
+_PLAIN_LAYOUTS = (
+    (_REQUEST.format, _REPLY.format) == ("=QQQIHH", "=QQIiiI")
+    and {_READ, _WRITE} == {0, 1}
+    and sys.byteorder == "little"
+)
 
 DEFAULT_BATCH = 64
 DEFAULT_BUFFER_BYTES = 8 << 20
@@ -103,11 +109,11 @@ class Worker:
         self._replies = memoryview(uapi.ffi.buffer(self._xfer.replies))
         # Column views of the same arrays, for _answer_plain.
         self._request_words = self._requests.cast("Q")
-        self._request_halves = self._requests.cast("H")
         self._request_ints = self._requests.cast("I")
         self._reply_words = self._replies.cast("Q")
         self._reply_ints = self._replies.cast("I")
         self._zeros = memoryview(bytes(len(self._replies))).cast("I")
+        self._zero_words = self._zeros.cast("B").cast("Q")
         mapping = backend.mapping()
         self.in_place = mapping is not None and mapping[1] >= config.size and self._xfer.can_map
         if self.in_place:
@@ -172,12 +178,17 @@ class Worker:
             self.served += xfer.arg.nr_accepted
             if stopping:
                 return
-            if got:
+            if not got:
+                answered = 0
+            elif self._plain and self._answer_plain(got):
+                # No backend call: nothing to time, a tick's zero at most.
+                answered = got
+                if self._per_request_ns:
+                    self._adapt_batch(got, 0)
+            else:
                 started = coarse_ns()
                 answered = self._run_batch(got)
                 self._adapt_batch(got, coarse_ns() - started)
-            else:
-                answered = 0
 
     def _adapt_batch(self, count: int, elapsed_ns: int) -> None:
         """Take as many requests next time as fit in BATCH_BUDGET_NS.
@@ -248,7 +259,7 @@ class Worker:
         mapped_address = backend.mapped_address
         if self._overlapped:
             return self._run_overlapped(count)
-        if self.in_place and self._tokens is None and self._answer_plain(count):
+        if self._plain and self._answer_plain(count):
             return count
         call_backend = self._call_backend
         in_place = self.in_place
@@ -284,6 +295,11 @@ class Worker:
             at += _REPLY.size
         return count
 
+    @property
+    def _plain(self) -> bool:
+        """Whether batches may be answered by columns (_answer_plain): in place, no tokens."""
+        return _PLAIN_LAYOUTS and self.in_place and self._tokens is None
+
     def _answer_plain(self, count: int) -> bool:
         """Answer a batch of plain reads and writes served in place, if it is one.
 
@@ -291,21 +307,19 @@ class Worker:
         with its own handle, data and length: the replies are those
         columns of the requests, copied a column at a time (C loops, not
         a Python loop per request).  False, with nothing written, if any
-        request is something else.
+        request is something else.  Only for _plain workers.
         """
-        if not _PLAIN_LAYOUTS:
-            return False
-        words, halves = 4 * count, 16 * count
-        if any(self._request_halves[15:halves:16]) or max(self._request_halves[14:halves:16]) > 1:
-            return False
+        words = 4 * count
         ints = 2 * words
+        # op (READ 0 or WRITE 1) and flags (none) share the request's 8th int.
+        if max(self._request_ints[7:ints:8]) > 1:
+            return False
         request_words, reply_words, reply_ints = self._request_words, self._reply_words, self._reply_ints
         reply_words[0:words:4] = request_words[0:words:4]  # handle
         reply_words[1:words:4] = request_words[2:words:4]  # data
         reply_ints[4:ints:8] = self._request_ints[6:ints:8]  # length
         reply_ints[5:ints:8] = self._zeros[5:ints:8]  # result
-        reply_ints[6:ints:8] = self._zeros[6:ints:8]  # status
-        reply_ints[7:ints:8] = self._zeros[7:ints:8]  # reserved
+        reply_words[3:words:4] = self._zero_words[3:words:4]  # status and reserved
         return True
 
     def _run_overlapped(self, count: int) -> int:
@@ -363,7 +377,6 @@ class Worker:
         """Release the buffer (the Control stays open)."""
         for view in (
             self._request_words,
-            self._request_halves,
             self._request_ints,
             self._reply_words,
             self._reply_ints,

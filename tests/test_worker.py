@@ -294,6 +294,38 @@ def test_in_place_plain_batch_is_answered_by_columns(control: FakeControl) -> No
         backend.map.close()
 
 
+def test_serve_answers_plain_batches_by_columns_and_grows_them(control: FakeControl) -> None:
+    """serve(): plain batches in place are answered by columns, untimed, and the batch limit grows."""
+    backend = Mapped()
+    worker = make(control, backend)
+    xfer = worker._xfer
+    calls: list[int] = []
+
+    def exchange(nr_replies: int, wait: bool, fetch: bool = True, wait_ms: int | None = None) -> int:
+        calls.append(nr_replies)
+        if len(calls) > 60:
+            raise OSError(errno.ENODEV, "destroyed")
+        for i in range(xfer.limit):
+            req = xfer.requests[i]
+            req.handle, req.op, req.flags, req.offset, req.length = 100 + i, READ, 0, 4096 * i, 4096
+            req.data = worker._base + 4096 * i
+        xfer.arg.nr_accepted = nr_replies
+        return xfer.limit
+
+    try:
+        xfer.exchange = exchange  # type: ignore[method-assign]
+        worker.serve()
+        # Each call answers the batch the one before got: one request at first, then more.
+        assert calls[:2] == [0, 1] and calls == sorted(calls)
+        assert xfer.limit == 8 and calls[-1] == 8 and worker.served == sum(calls[:-1])
+        replies = [(int(r.handle), int(r.data), int(r.length), int(r.result)) for r in list(xfer.replies)]
+        assert replies == [(100 + i, worker._base + 4096 * i, 4096, 0) for i in range(8)]
+        assert backend.calls == []
+    finally:
+        worker.close()
+        backend.map.close()
+
+
 def test_hot_path_keeps_nothing_and_copies_no_data(control: FakeControl) -> None:
     """Batches of 64 KiB requests: no buffer per request, nothing kept.
 
