@@ -23,6 +23,9 @@ endif
 KDIR ?= /lib/modules/$(KVER)/build
 # The kernel the test targets build for and boot: KVER if given, else the guest's.
 TEST_KVER := $(if $(filter command line environment,$(origin KVER)),$(KVER),$(GUEST_KVER))
+# The 6.1 tiers load kernel/abuse.ko: built first (a no-op if it is up to
+# date), so that they also run from a fresh clone.
+TEST_MODULE = $(MAKE) -s module KVER=$(TEST_KVER)
 PYTHON := .venv/bin/python
 PYTEST := $(PYTHON) -m pytest -p no:cacheprovider
 
@@ -65,6 +68,7 @@ test-kernel:
 ifeq ($(KVER),6.12)
 	$(MAKE) test-kernel-6.12 KVER=
 else
+	$(TEST_MODULE)
 	unshare -m tests/kernel/dkms-prebuild $(TEST_KVER) build/dkms-$(TEST_KVER)
 	KVER=$(TEST_KVER) scripts/kernel-tier $(ARGS)
 endif
@@ -99,6 +103,7 @@ test-kernel-6.12:
 # The fault suite, in its own boot (the last step of make test).  SEED=n
 # replays a failed run's random choices.
 test-faults:
+	$(TEST_MODULE)
 	KVER=$(TEST_KVER) OUT=$(CURDIR)/build/faults ABUSE_SEED=$(SEED) scripts/kernel-tier tests/kernel/faults
 
 # The Ceph tier (tests/kernel/test_rbd.py), in its own boot: a
@@ -106,11 +111,13 @@ test-faults:
 # against it, krbd beside them.  About 13 minutes beside another guest;
 # make test runs it in the fault suite's boot (test-faults-ceph below).
 test-ceph:
+	$(TEST_MODULE)
 	KVER=$(TEST_KVER) OUT=$(CURDIR)/build/ceph scripts/kernel-tier tests/kernel/test_rbd.py
 
 # make test's last step: the fault suite, then the Ceph tier, in one boot
 # (a boot, the module's load and the guest's Python start-up saved).
 test-faults-ceph:
+	$(TEST_MODULE)
 	KVER=$(TEST_KVER) OUT=$(CURDIR)/build/faults ABUSE_SEED=$(SEED) scripts/kernel-tier tests/kernel/faults tests/kernel/test_rbd.py
 
 # The debug kernel (KASAN, lockdep, kmemleak, debug objects: see
