@@ -124,12 +124,12 @@ class Worker:
             self._xfer.use_tokens()
             self._tokens = memoryview(uapi.ffi.buffer(self._xfer.tokens)).cast("Q")
         self._batch = batch
-        # Moving average of a request's service time.  Until it is
-        # measured, one request fills the budget: a new worker takes one
-        # request at a time, so that the first GET of a slow backend's
-        # worker does not take a whole burst that idle workers could
-        # start; a fast backend's batches grow within ~70 of them.
-        self._per_request_ns = BATCH_BUDGET_NS
+        self._per_request_ns = 0  # moving average of a request's service time
+        self._measured = False  # the first batch sets the average outright
+        # A new worker's first batch is one request, so that a slow
+        # backend's worker does not take a whole burst that idle workers
+        # could start before it has measured its backend; the next one is
+        # sized by that measure (a fast backend's: --batch).
         if BATCH_BUDGET_NS:
             self._xfer.limit = 1
         # A backend with start_read/start_write keeps a whole batch in
@@ -183,7 +183,7 @@ class Worker:
             elif self._plain and self._answer_plain(got):
                 # No backend call: nothing to time, a tick's zero at most.
                 answered = got
-                if self._per_request_ns:
+                if self._xfer.limit < self._batch:
                     self._adapt_batch(got, 0)
             else:
                 started = coarse_ns()
@@ -201,7 +201,10 @@ class Worker:
         if not BATCH_BUDGET_NS or self._overlapped:
             return  # an overlapped batch starts every request at once: it holds none back
         average = self._per_request_ns
-        average += (elapsed_ns // count - average) // 16
+        if self._measured:
+            average += (elapsed_ns // count - average) // 16
+        else:
+            average, self._measured = elapsed_ns // count, True
         self._per_request_ns = average
         self._xfer.limit = max(1, min(self._batch, BATCH_BUDGET_NS // max(average, 1)))
 

@@ -27,11 +27,11 @@ from bench.jobs import Job
 PARAMS = Path("/sys/module/abuse/parameters")
 MODES = {
     "old": {"wake_max_us": "0", "wake_min_us": "2000", "spin_max_us": "0", "share_kib": "0"},
-    "new": {"wake_max_us": "10000", "wake_min_us": "2000", "spin_max_us": "200", "share_kib": "1024"},
+    "new": {"wake_max_us": "10000", "wake_min_us": "2000", "spin_max_us": "200", "share_kib": "0"},
     # the same with a lazy wake-up as soon as 50 us (before 2026-12-01): more timer runs
     "min50us": {"wake_max_us": "10000", "wake_min_us": "50", "spin_max_us": "200", "share_kib": "0"},
-    # the same with one GET taking every queued big request (before 2026-12-02)
-    "noshare": {"wake_max_us": "10000", "wake_min_us": "2000", "spin_max_us": "200", "share_kib": "0"},
+    # the same with big requests shared between workers (share_kib, off by default)
+    "share": {"wake_max_us": "10000", "wake_min_us": "2000", "spin_max_us": "200", "share_kib": "1024"},
 }
 # The worker's batch budget (ABUSE_BATCH_BUDGET_US): adaptive, and off.
 BUDGETS_US = ("1000", "0")

@@ -55,13 +55,15 @@ module_param(wake_min_us, uint, 0644);
 MODULE_PARM_DESC(wake_min_us,
 		 "Shortest a queued request waits for a busy worker before an idle one is woken (us)");
 /*
- * Above what a batch of small requests holds (64 of 4 KiB), so those
- * stay with one worker.
+ * How much data a GET takes while another worker sleeps (abuse_share),
+ * e.g. 1024: above what a batch of small requests holds (64 of 4 KiB),
+ * so that those stay with one worker.  Off by default: on 2 CPUs the
+ * extra copier only took CPU time from the submitters (docs/SCALING.md).
  */
-static unsigned int share_kib = 1024;
+static unsigned int share_kib;
 module_param(share_kib, uint, 0644);
 MODULE_PARM_DESC(share_kib,
-		 "Data a GET takes while another worker sleeps; the rest is that one's, woken at once (KiB; 0: no limit)");
+		 "Data a GET takes while another worker sleeps; the rest is that one's, woken at once (KiB; 0, the default: no limit)");
 static unsigned int spin_max_us = 200;
 module_param(spin_max_us, uint, 0644);
 MODULE_PARM_DESC(spin_max_us,
@@ -672,12 +674,12 @@ static unsigned int abuse_reclaim_in_flight(struct abuse_device *dev)
  *    extra worker only took CPU time from them (two workers ran at
  *    0.6x of one).  A lead that sleeps (a backend that waits) or is
  *    stopped is not waited for;
- *  - big requests are shared: a GET that holds share_kib of data
- *    while another worker sleeps leaves the rest, and wakes that one
- *    at once (abuse_share); no worker defers to the lead while that
- *    much is queued.  Most of a big request's time is its copy, which a
- *    second worker does on another CPU: one worker alone copied every
- *    request of a burst while the others slept;
+ *  - with share_kib set, big requests are shared: a GET that holds
+ *    that much data while another worker sleeps leaves the rest, and
+ *    wakes that one at once (abuse_share); no worker defers to the lead
+ *    while that much is queued.  Most of a big request's time is its
+ *    copy, which a second worker can do on a CPU nobody else uses (on
+ *    2 CPUs there was none: off by default);
  *  - otherwise one sleeper is woken at once, and the requests that
  *    follow it before it looks at the queue (ABUSE_DEV_WAKING) wait for
  *    it as for a busy worker.  Without that, each request of a burst

@@ -315,8 +315,8 @@ def test_serve_answers_plain_batches_by_columns_and_grows_them(control: FakeCont
     try:
         xfer.exchange = exchange  # type: ignore[method-assign]
         worker.serve()
-        # Each call answers the batch the one before got: one request at first, then more.
-        assert calls[:2] == [0, 1] and calls == sorted(calls)
+        # Each call answers the batch the one before got: one request at first, then --batch.
+        assert calls[:3] == [0, 1, 8] and calls == sorted(calls)
         assert xfer.limit == 8 and calls[-1] == 8 and worker.served == sum(calls[:-1])
         replies = [(int(r.handle), int(r.data), int(r.length), int(r.result)) for r in list(xfer.replies)]
         assert replies == [(100 + i, worker._base + 4096 * i, 4096, 0) for i in range(8)]
@@ -395,12 +395,15 @@ def test_a_new_worker_takes_one_request_until_it_measured_its_backend(control: F
     worker = make(control, Recorder())
     try:
         assert worker._xfer.limit == 1
-        for _ in range(100):
-            worker._adapt_batch(1, 0)  # a request that took less than a clock tick
-        assert worker._xfer.limit == 8, "a fast backend grows to --batch"
+        worker._adapt_batch(1, 0)  # a request that took less than a clock tick
+        assert worker._xfer.limit == 8, "a fast backend goes to --batch at once"
         for _ in range(100):
             worker._adapt_batch(1, 5_000_000)  # 5 ms per request
         assert worker._xfer.limit == 1
+        slow = make(control, Recorder())
+        slow._adapt_batch(1, 5_000_000)
+        assert slow._xfer.limit == 1, "one slow request is enough to stay at one"
+        slow.close()
     finally:
         worker.close()
 

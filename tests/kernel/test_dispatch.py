@@ -369,18 +369,21 @@ def test_dispatch_counts_a_sleeper_woken_for_a_request(disks: Disks) -> None:
 
 
 MIB = 1 << 20
-WAKE_MIN_US = Path("/sys/module/abuse/parameters/wake_min_us")
+PARAMETERS = Path("/sys/module/abuse/parameters")
 
 
 @pytest.fixture
-def no_lazy_wakeups() -> Iterator[None]:
-    """The lazy wake-up's bound at ten minutes: within a test, the timer wakes nobody."""
-    old = WAKE_MIN_US.read_text().strip()
-    WAKE_MIN_US.write_text(str(600 * 1_000_000))
+def sharing_no_lazy_wakeups() -> Iterator[None]:
+    """Big requests shared at 1 MiB (share_kib, off by default), and the lazy
+    wake-up's bound at ten minutes: within a test, the timer wakes nobody."""
+    old = {name: PARAMETERS.joinpath(name).read_text().strip() for name in ("share_kib", "wake_min_us")}
+    PARAMETERS.joinpath("share_kib").write_text("1024")
+    PARAMETERS.joinpath("wake_min_us").write_text(str(600 * 1_000_000))
     try:
         yield
     finally:
-        WAKE_MIN_US.write_text(old)
+        for name, value in old.items():
+            PARAMETERS.joinpath(name).write_text(value)
 
 
 def _waiting_for_io(job: Background) -> bool:
@@ -404,8 +407,8 @@ def _answer_writes(worker: RawWorker, got: list[Request]) -> None:
     assert worker.put([worker.answer(request) for request in got]) == [0] * len(got)
 
 
-def test_big_requests_are_shared_with_a_sleeper(disks: Disks, no_lazy_wakeups: None) -> None:
-    """A GET that holds 1 MiB of data leaves the rest to a sleeping worker and wakes it at once.
+def test_big_requests_are_shared_with_a_sleeper(disks: Disks, sharing_no_lazy_wakeups: None) -> None:
+    """With share_kib 1024, a GET that holds 1 MiB of data leaves the rest to a sleeper and wakes it at once.
 
     Most of a big request's time is its copy, which two workers do on two
     CPUs.  Three 1 MiB writes queue while the lead holds a batch (lazily:
@@ -435,8 +438,8 @@ def test_big_requests_are_shared_with_a_sleeper(disks: Disks, no_lazy_wakeups: N
         helper.close()
 
 
-def test_a_lone_worker_takes_every_big_request_at_once(disks: Disks) -> None:
-    """With nobody asleep to share with, one GET takes all the queued data."""
+def test_a_lone_worker_takes_every_big_request_at_once(disks: Disks, sharing_no_lazy_wakeups: None) -> None:
+    """Even with sharing on, with nobody asleep to share with, one GET takes all the queued data."""
     config = disks.create(8 * MIB, timeout_ms=LONG_TIMEOUT_MS)
     worker = RawWorker(config.index)
     try:
