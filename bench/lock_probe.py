@@ -25,13 +25,14 @@ from bench.guest import abuse_disk, fio, prefill
 from bench.jobs import Job
 
 PARAMS = Path("/sys/module/abuse/parameters")
+_NEW = {"wake_max_us": "10000", "wake_min_us": "2000", "spin_max_us": "200", "share_kib": "0"}
 MODES = {
-    "old": {"wake_max_us": "0", "wake_min_us": "2000", "spin_max_us": "0", "share_kib": "0"},
-    "new": {"wake_max_us": "10000", "wake_min_us": "2000", "spin_max_us": "200", "share_kib": "0"},
+    "old": {**_NEW, "wake_max_us": "0", "spin_max_us": "0"},
+    "new": _NEW,
     # the same with a lazy wake-up as soon as 50 us (before 2026-12-01): more timer runs
-    "min50us": {"wake_max_us": "10000", "wake_min_us": "50", "spin_max_us": "200", "share_kib": "0"},
+    "min50us": {**_NEW, "wake_min_us": "50"},
     # the same with big requests shared between workers (share_kib, off by default)
-    "share": {"wake_max_us": "10000", "wake_min_us": "2000", "spin_max_us": "200", "share_kib": "1024"},
+    "share": {**_NEW, "share_kib": "1024"},
 }
 # The worker's batch budget (ABUSE_BATCH_BUDGET_US): adaptive, and off.
 BUDGETS_US = ("1000", "0")

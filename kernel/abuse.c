@@ -1391,18 +1391,24 @@ static u64 abuse_buffer_need(struct request *rq)
 	return round_up((u64)abuse_payload(rq), ABUSE_DATA_ALIGN);
 }
 
+/* Whether the queue holds more data than one GET takes (share_kib). */
+static bool abuse_queue_to_share(struct abuse_device *dev)
+	__must_hold(&dev->lock)
+{
+	return dev->queued_bytes >= abuse_share_bytes();
+}
+
 /*
- * Whether the queue holds more data than one GET takes while another
- * worker sleeps (share_kib), and a sleeper is to be woken for it now:
- * copies of big requests take long enough for a second worker to halve
- * them.  One wake-up at a time (ABUSE_DEV_WAKING): the woken one passes
- * the next on if a share is still left.
+ * Whether the queue is to be shared (abuse_queue_to_share) and a sleeper
+ * woken for it now: copies of big requests take long enough for a
+ * second worker to halve them.  One wake-up at a time
+ * (ABUSE_DEV_WAKING): the woken one passes the next on if a share is
+ * still left.
  */
 static bool abuse_share(struct abuse_device *dev)
 	__must_hold(&dev->lock)
 {
-	return dev->queued_bytes >= abuse_share_bytes() &&
-	       wq_has_sleeper(&dev->get_wait) &&
+	return abuse_queue_to_share(dev) && wq_has_sleeper(&dev->get_wait) &&
 	       !test_and_set_bit(ABUSE_DEV_WAKING, &dev->flags);
 }
 
@@ -1422,7 +1428,7 @@ static bool abuse_defer(struct abuse_device *dev, struct abuse_worker *w)
 	head = list_first_entry_or_null(&dev->queue, struct abuse_cmd, node);
 	bound = abuse_wake_bound(dev);
 	if (!head || !bound || dev->lead == w ||
-	    dev->queued_bytes >= abuse_share_bytes() ||
+	    abuse_queue_to_share(dev) ||
 	    abuse_workers_short(dev, local_clock(), bound) ||
 	    !abuse_worker_computes(dev->lead) ||
 	    !abuse_worker_running(dev->lead))
