@@ -187,7 +187,7 @@ class Worker:
                     self._adapt_batch(got, 0)
             else:
                 started = coarse_ns()
-                answered = self._run_batch(got)
+                answered = self._run_backend(got)
                 self._adapt_batch(got, coarse_ns() - started)
 
     def _adapt_batch(self, count: int, elapsed_ns: int) -> None:
@@ -258,12 +258,16 @@ class Worker:
         each answer from the descriptor's own address, so only FUA, flush,
         discard and write zeroes call the backend.
         """
-        backend = self.backend
-        mapped_address = backend.mapped_address
-        if self._overlapped:
-            return self._run_overlapped(count)
         if self._plain and self._answer_plain(count):
             return count
+        return self._run_backend(count)
+
+    def _run_backend(self, count: int) -> int:
+        """``_run_batch`` for a batch that is not plain: through the backend."""
+        if self._overlapped:
+            return self._run_overlapped(count)
+        backend = self.backend
+        mapped_address = backend.mapped_address
         call_backend = self._call_backend
         in_place = self.in_place
         view = self._view
