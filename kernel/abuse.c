@@ -41,6 +41,7 @@
 /* PUT reads replies, and GET takes requests, in chunks this big. */
 #define ABUSE_PUT_CHUNK		16
 #define ABUSE_GET_CHUNK		16
+#define ABUSE_ONE		1024	/* 1.0 in abuse_worker.cycle_blocks */
 
 /*
  * Dispatch tuning (see "Dispatch" below); 0 turns each one off.  Read
@@ -154,9 +155,11 @@ struct abuse_worker {
 	bool fenced;			/* killed by the fence: no more GETs */
 	unsigned long flags;		/* ABUSE_W_*, atomic bitops */
 	u64 serving_since;		/* ns: the GET that gave it its batch */
-	u64 exec_since;			/* its CPU time (ns) at that GET */
-	/* EWMAs of its cycles (GET to GET): wall and CPU time; hints */
-	u64 cycle_wall, cycle_cpu;
+	unsigned long nvcsw_since;	/* its voluntary switches then */
+	/* EWMA of the cycles (GET to GET) in which it blocked, in
+	 * 1/ABUSE_ONE; a hint
+	 */
+	u64 cycle_blocks;
 	u32 batch_max;			/* its last GET's max_requests; a hint */
 	/* EWMA of its waits for work (the polling budget); racy between
 	 * threads sharing the file: a hint
@@ -701,14 +704,20 @@ static unsigned int abuse_reclaim_in_flight(struct abuse_device *dev)
  * Request-path times come from local_clock(), not the clocksource: it
  * reads the TSC even where the clocksource is slow to read (the HPET of
  * an emulated guest, where a read per request cost more than the
- * request).  Across CPUs it may be off by a little, which a wake-up
- * bound of tens of microseconds does not mind.
+ * request).  Two CPUs' readings may disagree, by up to a tick where the
+ * TSCs are not synchronised (the emulated guest marks its TSC unstable
+ * for that), and a stamp another CPU wrote may be newer than our own
+ * reading: so a time between two readings is never negative
+ * (abuse_ns_since), which as a u64 would look like ages.
  */
+static u64 abuse_ns_since(u64 then, u64 now)
+{
+	return now > then ? now - then : 0;
+}
+
 static u64 abuse_ns_until(u64 when)
 {
-	u64 now = local_clock();
-
-	return when > now ? when - now : 0;
+	return abuse_ns_since(local_clock(), when);
 }
 
 /* Fold @sample into the moving average at @avg, with weight 1/@weight. */
@@ -805,14 +814,17 @@ static bool abuse_worker_running(struct abuse_worker *w)
 }
 
 /*
- * Whether @w spends most of its cycles on a CPU (a backend that
- * computes, or copies) rather than waiting (a network, a slow disk).
- * The scheduler brings sum_exec_runtime up to date at ticks and
- * switches, so one cycle's figure is coarse; their averages are not.
+ * Whether @w computes (a backend that copies or calculates: more
+ * workers would only share the CPUs) rather than waits (a network, a
+ * slow disk: more workers would wait in parallel).  A worker that waits
+ * blocks in its backend, a voluntary switch, in most of its cycles; one
+ * that computes is at most preempted.  (Its share of CPU time was a
+ * worse sign: with more busy workers than CPUs, each one waits for a
+ * CPU as much as it runs, and looked like one that waits.)
  */
 static bool abuse_worker_computes(struct abuse_worker *w)
 {
-	return 2 * READ_ONCE(w->cycle_cpu) >= READ_ONCE(w->cycle_wall);
+	return 2 * READ_ONCE(w->cycle_blocks) < ABUSE_ONE;
 }
 
 /*
@@ -835,7 +847,7 @@ static unsigned int abuse_workers_short(struct abuse_device *dev, u64 now,
 	u64 per_worker, need, serving;
 
 	if (!lead || !test_bit(ABUSE_W_SERVING, &lead->flags) ||
-	    now - READ_ONCE(lead->serving_since) >= bound)
+	    abuse_ns_since(READ_ONCE(lead->serving_since), now) >= bound)
 		return 1;
 	if (!abuse_worker_computes(lead))
 		return min_t(u64, dev->stats.queued, UINT_MAX);
@@ -868,7 +880,7 @@ static enum hrtimer_restart abuse_wake_timer_fn(struct hrtimer *timer)
 	spin_lock_irqsave(&dev->lock, flags);
 	abuse_take_submitted(dev);
 	head = list_first_entry_or_null(&dev->queue, struct abuse_cmd, node);
-	if (head && now - head->queued_ns < bound) {
+	if (head && abuse_ns_since(head->queued_ns, now) < bound) {
 		next = head->queued_ns + bound;
 	} else if (head) {
 		late = abuse_workers_short(dev, now, bound);
@@ -902,9 +914,10 @@ static enum hrtimer_restart abuse_wake_timer_fn(struct hrtimer *timer)
 
 /*
  * @w took a batch (true), or found nothing more to take (false): a
- * worker counts as busy from the GET that gives it a batch until a GET
- * of its finds the queue empty, PUT+GET calls in between included, since
- * the GET half of those takes what queued meanwhile.  Two batches in a
+ * worker counts as busy from the moment a GET takes a batch (before its
+ * copies) until a GET of its finds the queue empty, PUT+GET calls in
+ * between included, since the GET half of those takes what queued
+ * meanwhile.  Two batches in a
  * row give a cycle: the time from one GET to the next, copies, the
  * worker's own time and its PUT included, which is how long a request
  * queued just after a GET waits for this worker.  It is folded into
@@ -915,7 +928,8 @@ static enum hrtimer_restart abuse_wake_timer_fn(struct hrtimer *timer)
 static void abuse_set_serving(struct abuse_device *dev,
 			      struct abuse_worker *w, bool serving)
 {
-	u64 now, exec, cycle;
+	unsigned long nvcsw;
+	u64 now;
 
 	if (!serving) {
 		if (test_and_clear_bit(ABUSE_W_SERVING, &w->flags))
@@ -923,17 +937,17 @@ static void abuse_set_serving(struct abuse_device *dev,
 		return;
 	}
 	now = local_clock();
-	exec = current->se.sum_exec_runtime;
+	nvcsw = current->nvcsw;
 	if (test_and_set_bit(ABUSE_W_SERVING, &w->flags)) {
-		cycle = now - w->serving_since;
-		abuse_fold(&dev->cycle_ns, cycle, 8);
-		abuse_fold(&w->cycle_wall, cycle, 16);
-		abuse_fold(&w->cycle_cpu, exec - w->exec_since, 16);
+		abuse_fold(&dev->cycle_ns,
+			   abuse_ns_since(w->serving_since, now), 8);
+		abuse_fold(&w->cycle_blocks,
+			   nvcsw != w->nvcsw_since ? ABUSE_ONE : 0, 16);
 	} else {
 		atomic_inc(&dev->nr_serving);
 	}
 	WRITE_ONCE(w->serving_since, now);
-	w->exec_since = exec;
+	w->nvcsw_since = nvcsw;
 }
 
 /* ---------------------------------------------------------------------
@@ -1520,8 +1534,16 @@ static int abuse_get_chunk(struct abuse_device *dev, struct abuse_worker *w,
 		*payload += abuse_payload(rq);
 		rqs[taken++] = rq;
 	}
-	if (taken)
+	if (taken) {
 		dev->lead = w;
+		/*
+		 * Busy from the first take on, not from the end of the GET:
+		 * requests that come while it copies this batch wait for it
+		 * lazily instead of waking another worker at once.
+		 */
+		if (!*n)
+			abuse_set_serving(dev, w, true);
+	}
 	abuse_unlock(dev);
 	if (!taken)
 		return ret;
@@ -1635,7 +1657,7 @@ static bool abuse_spin_for_work(struct abuse_device *dev,
 			break;
 		cpu_relax();
 		now = local_clock();
-	} while (now - start < budget && !need_resched() &&
+	} while (abuse_ns_since(start, now) < budget && !need_resched() &&
 		 !signal_pending(current));
 
 	/*
@@ -1655,29 +1677,52 @@ static bool abuse_spin_for_work(struct abuse_device *dev,
 
 /*
  * Sleep until @dev has work, a signal arrives or @timeout jiffies pass.
- * Exclusive: queue_rq wakes one sleeper per request, not a herd.  LIFO,
- * as epoll_wait(): the worker that went to sleep last, still warm, takes
- * the next request, and the others sleep on while it keeps up (FIFO
- * passed each request of a QD1 stream to the other worker of two, which
- * halved the IOPS).  A worker that @deferred to the lead waits for a
+ * Exclusive: queue_rq wakes one sleeper per request, not a herd.  The
+ * lead (the last worker to take a batch), still warm, waits at the head
+ * and takes the next request, and the others, at the tail, sleep on
+ * while it keeps up (FIFO passed each request of a QD1 stream to the
+ * other worker of two, which halved the IOPS; LIFO, as epoll_wait(),
+ * let a worker back from an idle timeout jump ahead of the lead, so
+ * the workers took turns).  A worker that @deferred to the lead waits for a
  * wake-up instead of work: the queue has work, left to the lead, and
  * the wake timer armed for it (abuse_defer) wakes us if it gets late.
+ * @w stops counting as busy only once it is at the head of the wait
+ * queue: a request that comes earlier waits for it as for a busy
+ * worker, one that comes later wakes it, not a cold sleeper (which then
+ * kept serving beside it).
  * Returns the jiffies left (0 once timed out) or -ERESTARTSYS.  May
  * sleep.
  */
-static long abuse_wait_work(struct abuse_device *dev, long timeout,
-			    bool deferred)
+static long abuse_wait_work(struct abuse_device *dev, struct abuse_worker *w,
+			    long timeout, bool deferred)
 {
 	DEFINE_WAIT(wait);
 	bool woken = false;
 
 	for (;;) {
-		/* prepare_to_wait_exclusive(), at the head of the queue */
+		/*
+		 * prepare_to_wait_exclusive(): the lead at the head, the
+		 * others at the tail.  (dev->lead is dev->lock's; a racy
+		 * read only places us in the queue.)
+		 */
 		spin_lock_irq(&dev->get_wait.lock);
-		if (list_empty(&wait.entry))
-			__add_wait_queue_exclusive(&dev->get_wait, &wait);
+		if (list_empty(&wait.entry)) {
+			wait.flags |= WQ_FLAG_EXCLUSIVE;
+			if (READ_ONCE(dev->lead) == w)
+				__add_wait_queue(&dev->get_wait, &wait);
+			else
+				__add_wait_queue_entry_tail(&dev->get_wait,
+							    &wait);
+		}
 		set_current_state(TASK_INTERRUPTIBLE);
 		spin_unlock_irq(&dev->get_wait.lock);
+		abuse_set_serving(dev, w, false);
+		/*
+		 * Pairs with llist_add(), then the read of nr_serving, in
+		 * queue_rq (abuse_enqueued): it sees us idle, or we see its
+		 * request.
+		 */
+		smp_mb();
 		if ((deferred ? woken || READ_ONCE(dev->dead) :
 				abuse_has_work(dev)) || !timeout)
 			break;
@@ -1764,8 +1809,7 @@ static int abuse_get(struct abuse_device *dev, struct abuse_worker *w,
 			abuse_count(dev, ABUSE_DS_DEFERRED, 1);
 		else if (abuse_spin_for_work(dev, w))
 			continue;
-		abuse_set_serving(dev, w, false);
-		wait = abuse_wait_work(dev, wait, deferred);
+		wait = abuse_wait_work(dev, w, wait, deferred);
 		/*
 		 * Woken (or not: a hint), we look at the queue next: from
 		 * here the next request wakes another sleeper if need be.
@@ -1777,8 +1821,10 @@ static int abuse_get(struct abuse_device *dev, struct abuse_worker *w,
 		}
 	}
 	if (waiting)
-		abuse_note_gap(w, local_clock() - waiting);
-	abuse_set_serving(dev, w, n);
+		abuse_note_gap(w, abuse_ns_since(waiting, local_clock()));
+	/* With a batch, busy since its first take (abuse_get_chunk). */
+	if (!n)
+		abuse_set_serving(dev, w, false);
 	if (n)
 		abuse_count(dev, ABUSE_DS_BATCHES, 1);
 

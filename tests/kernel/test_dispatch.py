@@ -368,6 +368,44 @@ def test_dispatch_counts_a_sleeper_woken_for_a_request(disks: Disks) -> None:
         worker.close()
 
 
+def test_the_lead_is_woken_before_a_worker_that_slept_after_it(disks: Disks) -> None:
+    """The last worker to take a batch (the lead) waits at the head of the GET sleepers.
+
+    A worker that went to sleep after the lead, as an idle worker does
+    whenever its GET's idle timeout returns it to user space, must not
+    take the next request from it: the workers would take turns, each
+    one cold (with LIFO sleepers, that one was woken).
+    """
+    config = disks.create(16 * PAGE, timeout_ms=LONG_TIMEOUT_MS)
+    dev = f"/dev/abuse{config.index}"
+    lead, other = RawWorker(config.index), RawWorker(config.index)
+    try:
+        first = Background(lambda: direct_read(dev, 0, PAGE))
+        taken = lead.get(wait=True)
+        assert len(taken) == 1
+        assert lead.put([lead.answer(taken[0])]) == [0]
+        first.join()
+        lead_get = _blocking_get(lead)
+        wait_for(lambda: _asleep(lead_get))
+        other_get = _blocking_get(other)
+        wait_for(lambda: _asleep(other_get))
+        second = Background(lambda: direct_read(dev, PAGE, PAGE))
+        got = lead_get.join(timeout=LONG_TIMEOUT_MS / 1000).result
+        assert [request.offset for request in got] == [PAGE]
+        assert _asleep(other_get), "the worker that slept last was woken too"
+        assert lead.put([lead.answer(got[0])]) == [0]
+        second.join()
+        # Now the only sleeper, the other one takes the next request.
+        third = Background(lambda: direct_read(dev, 2 * PAGE, PAGE))
+        late = other_get.join(timeout=LONG_TIMEOUT_MS / 1000).result
+        assert [request.offset for request in late] == [2 * PAGE]
+        assert other.put([other.answer(late[0])]) == [0]
+        third.join()
+    finally:
+        lead.close()
+        other.close()
+
+
 MIB = 1 << 20
 PARAMETERS = Path("/sys/module/abuse/parameters")
 
