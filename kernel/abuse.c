@@ -181,7 +181,7 @@ struct abuse_device {
 	struct blk_mq_tag_set tag_set;
 	struct gendisk *disk;
 	struct kref kref;
-	wait_queue_head_t get_wait;	/* GET sleepers: exclusive, LIFO */
+	wait_queue_head_t get_wait;	/* GET sleepers: exclusive, lead first */
 	wait_queue_head_t poll_wait;	/* pollers */
 	struct hrtimer wake_timer;	/* the lazy wake-up, see abuse_enqueued */
 	atomic_t nr_serving;		/* workers with ABUSE_W_SERVING */
@@ -647,26 +647,28 @@ static unsigned int abuse_reclaim_in_flight(struct abuse_device *dev)
 /* ---------------------------------------------------------------------
  * Dispatch: who is woken for a queued request, and when.
  *
- * GET sleepers wait exclusively, the last to sleep first (LIFO), so one
- * warm worker takes the requests while the others sleep on.  Waking a
+ * GET sleepers wait exclusively, the lead (the last worker to take a
+ * batch) at the head and the others at the tail (abuse_wait_work), so
+ * one warm worker takes the requests while the others sleep on.  Waking a
  * second worker for every request while the first is busy with a batch
  * split the batches and made two workers slower than one, so:
  *
  *  - while a worker is polling in GET (abuse_spin_for_work), nobody is
  *    woken: it takes the request at once;
- *  - while some worker holds a batch (ABUSE_W_SERVING: it will come
- *    back with PUT+GET), the wake-up is lazy.  Once the oldest request
- *    has waited for the bound, three times the usual time from one
- *    batch's GET to the next (cycle_ns: how long a request queued
- *    behind a busy worker waits for it) within [wake_min_us,
- *    wake_max_us], the wake timer wakes as many sleepers as the queue
+ *  - while some worker holds a batch (ABUSE_W_SERVING, from its GET's
+ *    first take: it will come back with PUT+GET), the wake-up is lazy.
+ *    Once the oldest request has waited for the bound, three times the
+ *    usual time from one batch's GET to the next (cycle_ns: how long a
+ *    request queued behind a busy worker waits for it) within
+ *    [wake_min_us, wake_max_us], the wake timer wakes as many sleepers as the queue
  *    needs (abuse_workers_short): one when the lead (the last worker
  *    to take a batch) did not come back in time (it is stopped, or its
- *    backend is slow); while the lead waits in its backend, one per
- *    queued request; while it computes, none until the queue outgrew
- *    what the serving workers take in three rounds.  A busy worker
- *    counts as such until one of its GETs finds the queue empty,
- *    polling included (abuse_set_serving);
+ *    backend is slow); while the lead waits in its backend (it blocks:
+ *    abuse_worker_computes), one per queued request; while it computes,
+ *    none until the queue outgrew what the serving workers take in
+ *    three rounds.  A busy worker counts as such until one of its GETs
+ *    finds the queue empty, polling included, and it is on the wait
+ *    queue (abuse_set_serving, abuse_wait_work);
  *  - with no sleeper there is nothing to do: a worker about to sleep
  *    looks at the queue first;
  *  - a worker back for more while the lead serves, computes, runs on a
