@@ -42,6 +42,7 @@
 #define ABUSE_PUT_CHUNK		16
 #define ABUSE_GET_CHUNK		16
 #define ABUSE_ONE		1024	/* 1.0 in abuse_worker.cycle_blocks */
+#define ABUSE_WQ_LEAD		WQ_FLAG_CUSTOM	/* the lead's entry in get_wait */
 
 /*
  * Dispatch tuning (see "Dispatch" below); 0 turns each one off.  Read
@@ -181,7 +182,7 @@ struct abuse_device {
 	struct blk_mq_tag_set tag_set;
 	struct gendisk *disk;
 	struct kref kref;
-	wait_queue_head_t get_wait;	/* GET sleepers: exclusive, lead first */
+	wait_queue_head_t get_wait;	/* GET sleepers: lead first, then LIFO */
 	wait_queue_head_t poll_wait;	/* pollers */
 	struct hrtimer wake_timer;	/* the lazy wake-up, see abuse_enqueued */
 	atomic_t nr_serving;		/* workers with ABUSE_W_SERVING */
@@ -648,8 +649,9 @@ static unsigned int abuse_reclaim_in_flight(struct abuse_device *dev)
  * Dispatch: who is woken for a queued request, and when.
  *
  * GET sleepers wait exclusively, the lead (the last worker to take a
- * batch) at the head and the others at the tail (abuse_wait_work), so
- * one warm worker takes the requests while the others sleep on.  Waking a
+ * batch) at the head and the others behind it, the last to sleep first
+ * (abuse_wait_work), so one warm worker takes the requests while the
+ * others sleep on.  Waking a
  * second worker for every request while the first is busy with a batch
  * split the batches and made two workers slower than one, so:
  *
@@ -1681,11 +1683,12 @@ static bool abuse_spin_for_work(struct abuse_device *dev,
  * Sleep until @dev has work, a signal arrives or @timeout jiffies pass.
  * Exclusive: queue_rq wakes one sleeper per request, not a herd.  The
  * lead (the last worker to take a batch), still warm, waits at the head
- * and takes the next request, and the others, at the tail, sleep on
- * while it keeps up (FIFO passed each request of a QD1 stream to the
- * other worker of two, which halved the IOPS; LIFO, as epoll_wait(),
- * let a worker back from an idle timeout jump ahead of the lead, so
- * the workers took turns).  A worker that @deferred to the lead waits for a
+ * and takes the next request; the others wait behind it, the last to
+ * sleep first (LIFO, as epoll_wait()), and sleep on while it keeps up.
+ * (FIFO passed each request of a QD1 stream to the other worker of two,
+ * which halved the IOPS; plain LIFO let a worker back from an idle
+ * timeout jump ahead of the lead, so the workers took turns, each one
+ * cold.)  A worker that @deferred to the lead waits for a
  * wake-up instead of work: the queue has work, left to the lead, and
  * the wake timer armed for it (abuse_defer) wakes us if it gets late.
  * @w stops counting as busy only once it is at the head of the wait
@@ -1703,18 +1706,26 @@ static long abuse_wait_work(struct abuse_device *dev, struct abuse_worker *w,
 
 	for (;;) {
 		/*
-		 * prepare_to_wait_exclusive(): the lead at the head, the
-		 * others at the tail.  (dev->lead is dev->lock's; a racy
-		 * read only places us in the queue.)
+		 * prepare_to_wait_exclusive(): the lead at the head, marked;
+		 * the others at the head too, but behind a marked lead.
+		 * (dev->lead is dev->lock's; a racy read only places us.)
 		 */
 		spin_lock_irq(&dev->get_wait.lock);
 		if (list_empty(&wait.entry)) {
+			struct wait_queue_entry *first;
+
+			first = list_first_entry_or_null(&dev->get_wait.head,
+							 struct wait_queue_entry,
+							 entry);
 			wait.flags |= WQ_FLAG_EXCLUSIVE;
-			if (READ_ONCE(dev->lead) == w)
+			if (READ_ONCE(dev->lead) == w) {
+				wait.flags |= ABUSE_WQ_LEAD;
 				__add_wait_queue(&dev->get_wait, &wait);
-			else
-				__add_wait_queue_entry_tail(&dev->get_wait,
-							    &wait);
+			} else if (first && first->flags & ABUSE_WQ_LEAD) {
+				list_add(&wait.entry, &first->entry);
+			} else {
+				__add_wait_queue(&dev->get_wait, &wait);
+			}
 		}
 		set_current_state(TASK_INTERRUPTIBLE);
 		spin_unlock_irq(&dev->get_wait.lock);
