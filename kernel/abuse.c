@@ -651,9 +651,9 @@ static unsigned int abuse_reclaim_in_flight(struct abuse_device *dev)
  * GET sleepers wait exclusively, the lead (the last worker to take a
  * batch) at the head and the others behind it, the last to sleep first
  * (abuse_wait_work), so one warm worker takes the requests while the
- * others sleep on.  Waking a
- * second worker for every request while the first is busy with a batch
- * split the batches and made two workers slower than one, so:
+ * others sleep on.  Waking a second worker for every request while the
+ * first is busy with a batch split the batches and made two workers
+ * slower than one, so:
  *
  *  - while a worker is polling in GET (abuse_spin_for_work), nobody is
  *    woken: it takes the request at once;
@@ -662,10 +662,9 @@ static unsigned int abuse_reclaim_in_flight(struct abuse_device *dev)
  *    Once the oldest request has waited for the bound, three times the
  *    usual time from one batch's GET to the next (cycle_ns: how long a
  *    request queued behind a busy worker waits for it) within
- *    [wake_min_us, wake_max_us], the wake timer wakes as many sleepers as the queue
- *    needs (abuse_workers_short): one when the lead (the last worker
- *    to take a batch) did not come back in time (it is stopped, or its
- *    backend is slow); while the lead waits in its backend (it blocks:
+ *    [wake_min_us, wake_max_us], the wake timer wakes as many sleepers
+ *    as the queue needs (abuse_workers_short): one when the lead did
+ *    not come back in time (it is stopped, or its backend is slow); while the lead waits in its backend (it blocks:
  *    abuse_worker_computes), one per queued request; while it computes,
  *    none until the queue outgrew what the serving workers take in
  *    three rounds.  A busy worker counts as such until one of its GETs
@@ -921,10 +920,10 @@ static enum hrtimer_restart abuse_wake_timer_fn(struct hrtimer *timer)
  * worker counts as busy from the moment a GET takes a batch (before its
  * copies) until a GET of its finds the queue empty, PUT+GET calls in
  * between included, since the GET half of those takes what queued
- * meanwhile.  Two batches in a
- * row give a cycle: the time from one GET to the next, copies, the
- * worker's own time and its PUT included, which is how long a request
- * queued just after a GET waits for this worker.  It is folded into
+ * meanwhile.  Two batches in a row give a cycle: the time from one GET
+ * to the next, copies, the worker's own time and its PUT included,
+ * which is how long a request queued just after a GET waits for this
+ * worker.  It is folded into
  * cycle_ns, the lazy wake-up's measure of "keeps up".  (The worker's
  * time alone was not enough: served in place, most of a batch's time
  * is the copies in the driver, and the bound fell below one cycle.)
@@ -1688,13 +1687,13 @@ static bool abuse_spin_for_work(struct abuse_device *dev,
  * (FIFO passed each request of a QD1 stream to the other worker of two,
  * which halved the IOPS; plain LIFO let a worker back from an idle
  * timeout jump ahead of the lead, so the workers took turns, each one
- * cold.)  A worker that @deferred to the lead waits for a
- * wake-up instead of work: the queue has work, left to the lead, and
- * the wake timer armed for it (abuse_defer) wakes us if it gets late.
- * @w stops counting as busy only once it is at the head of the wait
- * queue: a request that comes earlier waits for it as for a busy
- * worker, one that comes later wakes it, not a cold sleeper (which then
- * kept serving beside it).
+ * cold.)  A worker that @deferred to the lead waits for a wake-up
+ * instead of work: the queue has work, left to the lead, and the wake
+ * timer armed for it (abuse_defer) wakes us if it gets late.
+ * @w stops counting as busy only once it is on the wait queue: a
+ * request that comes earlier waits for it as for a busy worker, one
+ * that comes later wakes it (the lead: at the head), not a cold sleeper
+ * (which then kept serving beside it).
  * Returns the jiffies left (0 once timed out) or -ERESTARTSYS.  May
  * sleep.
  */
@@ -1717,7 +1716,8 @@ static long abuse_wait_work(struct abuse_device *dev, struct abuse_worker *w,
 			first = list_first_entry_or_null(&dev->get_wait.head,
 							 struct wait_queue_entry,
 							 entry);
-			wait.flags |= WQ_FLAG_EXCLUSIVE;
+			/* Reused after a wake-up: marked only if the lead now. */
+			wait.flags = WQ_FLAG_EXCLUSIVE;
 			if (READ_ONCE(dev->lead) == w) {
 				wait.flags |= ABUSE_WQ_LEAD;
 				__add_wait_queue(&dev->get_wait, &wait);
