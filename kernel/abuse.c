@@ -664,10 +664,11 @@ static unsigned int abuse_reclaim_in_flight(struct abuse_device *dev)
  *    request queued behind a busy worker waits for it) within
  *    [wake_min_us, wake_max_us], the wake timer wakes as many sleepers
  *    as the queue needs (abuse_workers_short): one when the lead did
- *    not come back in time (it is stopped, or its backend is slow); while the lead waits in its backend (it blocks:
- *    abuse_worker_computes), one per queued request; while it computes,
- *    none until the queue outgrew what the serving workers take in
- *    three rounds.  A busy worker counts as such until one of its GETs
+ *    not come back in time (it is stopped, or its backend is slow);
+ *    while the lead waits in its backend (it blocks:
+ *    abuse_worker_computes), one per queued request; while it
+ *    computes, none until the queue outgrew what the serving workers
+ *    take in three rounds.  A busy worker counts as such until one of its GETs
  *    finds the queue empty, polling included, and it is on the wait
  *    queue (abuse_set_serving, abuse_wait_work);
  *  - with no sleeper there is nothing to do: a worker about to sleep
