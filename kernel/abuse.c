@@ -1680,6 +1680,29 @@ static bool abuse_spin_for_work(struct abuse_device *dev,
 }
 
 /*
+ * Put @w's @wait on the GET sleepers: at the head, marked, if @w is the
+ * lead, else at the head but behind a marked lead.  Also for an entry
+ * reused after a wake-up, whose mark is set afresh.  (dev->lead is
+ * dev->lock's; a racy read only places us.)
+ */
+static void abuse_add_sleeper(struct abuse_device *dev, struct abuse_worker *w,
+			      struct wait_queue_entry *wait)
+	__must_hold(&dev->get_wait.lock)
+{
+	struct list_head *head = &dev->get_wait.head;
+	struct wait_queue_entry *first;
+
+	first = list_first_entry_or_null(&dev->get_wait.head,
+					 struct wait_queue_entry, entry);
+	wait->flags = WQ_FLAG_EXCLUSIVE;
+	if (READ_ONCE(dev->lead) == w)
+		wait->flags |= ABUSE_WQ_LEAD;
+	else if (first && first->flags & ABUSE_WQ_LEAD)
+		head = &first->entry;
+	list_add(&wait->entry, head);
+}
+
+/*
  * Sleep until @dev has work, a signal arrives or @timeout jiffies pass.
  * Exclusive: queue_rq wakes one sleeper per request, not a herd.  The
  * lead (the last worker to take a batch), still warm, waits at the head
@@ -1705,29 +1728,10 @@ static long abuse_wait_work(struct abuse_device *dev, struct abuse_worker *w,
 	bool woken = false;
 
 	for (;;) {
-		/*
-		 * prepare_to_wait_exclusive(): the lead at the head, marked;
-		 * the others at the head too, but behind a marked lead.
-		 * (dev->lead is dev->lock's; a racy read only places us.)
-		 */
+		/* prepare_to_wait_exclusive(), the lead first */
 		spin_lock_irq(&dev->get_wait.lock);
-		if (list_empty(&wait.entry)) {
-			struct wait_queue_entry *first;
-
-			first = list_first_entry_or_null(&dev->get_wait.head,
-							 struct wait_queue_entry,
-							 entry);
-			/* Reused after a wake-up: marked only if the lead now. */
-			wait.flags = WQ_FLAG_EXCLUSIVE;
-			if (READ_ONCE(dev->lead) == w) {
-				wait.flags |= ABUSE_WQ_LEAD;
-				__add_wait_queue(&dev->get_wait, &wait);
-			} else if (first && first->flags & ABUSE_WQ_LEAD) {
-				list_add(&wait.entry, &first->entry);
-			} else {
-				__add_wait_queue(&dev->get_wait, &wait);
-			}
-		}
+		if (list_empty(&wait.entry))
+			abuse_add_sleeper(dev, w, &wait);
 		set_current_state(TASK_INTERRUPTIBLE);
 		spin_unlock_irq(&dev->get_wait.lock);
 		abuse_set_serving(dev, w, false);
@@ -1837,10 +1841,10 @@ static int abuse_get(struct abuse_device *dev, struct abuse_worker *w,
 	if (waiting)
 		abuse_note_gap(w, abuse_ns_since(waiting, local_clock()));
 	/* With a batch, busy since its first take (abuse_get_chunk). */
-	if (!n)
-		abuse_set_serving(dev, w, false);
 	if (n)
 		abuse_count(dev, ABUSE_DS_BATCHES, 1);
+	else
+		abuse_set_serving(dev, w, false);
 
 	/*
 	 * Work left behind: pass the wake-up on, at once for a share of big
