@@ -437,6 +437,12 @@ def markdown(raw: dict[str, Any], rows: list[Row], images: tuple[str, str] | Non
         + "Ratios compare targets inside this one boot only.",
         "",
     ]
+    if raw.get("scale_size"):
+        lines[-1:] = [
+            f"The worker-scaling disks ({raw['scale_size'] >> 20} MiB each) were up side by side, "
+            "each job run on each of them in turn, so that their ratios compare the same minutes of the rig.",
+            "",
+        ]
     lines += _summary_table(rows)
     lines += ["", "## Targets (best abuse memory target; the worse of read and write vs loop)", ""]
     lines += ["| target | least | best | ratio | holds |", "|---|---|---|---|---|"]

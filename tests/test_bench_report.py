@@ -366,3 +366,10 @@ def test_rounds_report_the_median_and_their_spread() -> None:
     assert "## Rounds" not in report.markdown(
         raw_result({"loop": 1.0}), report.rows_from_raw(raw_result({"loop": 1.0}))
     )
+
+
+def test_markdown_says_the_scaling_disks_were_up_side_by_side() -> None:
+    raw = _scaling_raw({1: {}, 2: {}})
+    assert "side by side" not in report.markdown(raw, report.rows_from_raw(raw))
+    raw["scale_size"] = 512 << 20
+    assert "(512 MiB each) were up side by side" in report.markdown(raw, report.rows_from_raw(raw))
