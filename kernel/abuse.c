@@ -156,9 +156,13 @@ struct abuse_worker {
 	bool fenced;			/* killed by the fence: no more GETs */
 	unsigned long flags;		/* ABUSE_W_*, atomic bitops */
 	u64 serving_since;		/* ns: the GET that gave it its batch */
-	unsigned long nvcsw_since;	/* its voluntary switches then */
-	/* EWMA of the cycles (GET to GET) in which it blocked, in
-	 * 1/ABUSE_ONE; a hint
+	/* its last GET handed it requests, when its thread had made
+	 * @nvcsw_out voluntary switches; a hint (threads may share a file)
+	 */
+	bool handed_out;
+	unsigned long nvcsw_out;
+	/* EWMA of the batches it blocked in (from the GET that handed it
+	 * one to its next GET), in 1/ABUSE_ONE; a hint
 	 */
 	u64 cycle_blocks;
 	u32 batch_max;			/* its last GET's max_requests; a hint */
@@ -205,6 +209,10 @@ struct abuse_device {
 	u64 last_token;			/* fencing token of the last hand-out */
 	struct abuse_worker *spinner;	/* the one GET polling for work */
 	struct abuse_worker *lead;	/* the last one to take a batch */
+	/* the lead blocks in its backend (abuse_worker_computes): read
+	 * without the lock by queue_rq, a hint
+	 */
+	bool lead_blocks;
 	u64 lock_since, lock_ns, lock_taken;	/* lock_stats */
 	bool dead;			/* destroyed: fail everything */
 	/* lock-free: abuse_dispatch_stat */
@@ -658,7 +666,8 @@ static unsigned int abuse_reclaim_in_flight(struct abuse_device *dev)
  *  - while a worker is polling in GET (abuse_spin_for_work), nobody is
  *    woken: it takes the request at once;
  *  - while some worker holds a batch (ABUSE_W_SERVING, from its GET's
- *    first take: it will come back with PUT+GET), the wake-up is lazy.
+ *    first take: it will come back with PUT+GET) and the lead computes,
+ *    the wake-up is lazy.
  *    Once the oldest request has waited for the bound, three times the
  *    usual time from one batch's GET to the next (cycle_ns: how long a
  *    request queued behind a busy worker waits for it) within
@@ -687,12 +696,15 @@ static unsigned int abuse_reclaim_in_flight(struct abuse_device *dev)
  *    while that much is queued.  Most of a big request's time is its
  *    copy, which a second worker can do on a CPU nobody else uses (on
  *    2 CPUs there was none: off by default);
- *  - otherwise one sleeper is woken at once, and the requests that
+ *  - otherwise (nobody serves, or the lead blocks in its backend: an
+ *    idle worker can start the request now, the serving ones only after
+ *    their waits) one sleeper is woken at once, and the requests that
  *    follow it before it looks at the queue (ABUSE_DEV_WAKING) wait for
- *    it as for a busy worker.  Without that, each request of a burst
- *    woke one more sleeper: the woken worker leaves the wait queue at
- *    once but takes the requests only once it runs, so two workers
- *    both woke for every burst and each took half of it.
+ *    it as for a busy worker; it passes the wake-up on for what it
+ *    leaves.  Without that, each request of a burst woke one more
+ *    sleeper: the woken worker leaves the wait queue at once but takes
+ *    the requests only once it runs, so two workers both woke for every
+ *    burst and each took half of it.
  *
  * Submitting takes no lock: queue_rq pushes the request on
  * dev->submitted (an llist) and decides the wake-up from atomics, and
@@ -790,12 +802,14 @@ static bool abuse_enqueued(struct abuse_device *dev, u64 since)
 	if (!bound)
 		return true;
 	/*
-	 * Nobody serves: wake one sleeper, unless one was woken already and
-	 * has not looked yet; it takes this request too, or the timer wakes
-	 * another (a wake-up that found no sleeper left leaves the bit set
-	 * until then).
+	 * Nobody serves, or the lead blocks in its backend (then so do the
+	 * others, and an idle worker can start this request now): wake one
+	 * sleeper, unless one was woken already and has not looked yet; it
+	 * takes this request too, or passes the wake-up on, or the timer
+	 * wakes another (a wake-up that found no sleeper left leaves the
+	 * bit set until then).
 	 */
-	if (!atomic_read(&dev->nr_serving) &&
+	if ((!atomic_read(&dev->nr_serving) || READ_ONCE(dev->lead_blocks)) &&
 	    !test_and_set_bit(ABUSE_DEV_WAKING, &dev->flags))
 		return true;
 	abuse_arm_wake_timer(dev, since + bound);
@@ -821,10 +835,11 @@ static bool abuse_worker_running(struct abuse_worker *w)
  * Whether @w computes (a backend that copies or calculates: more
  * workers would only share the CPUs) rather than waits (a network, a
  * slow disk: more workers would wait in parallel).  A worker that waits
- * blocks in its backend, a voluntary switch, in most of its cycles; one
- * that computes is at most preempted.  (Its share of CPU time was a
- * worse sign: with more busy workers than CPUs, each one waits for a
- * CPU as much as it runs, and looked like one that waits.)
+ * blocks in its backend, a voluntary switch, while serving most of its
+ * batches; one that computes is at most preempted (abuse_get measures
+ * each batch).  (Its share of CPU time was a worse sign: with more busy
+ * workers than CPUs, each one waits for a CPU as much as it runs, and
+ * looked like one that waits.)
  */
 static bool abuse_worker_computes(struct abuse_worker *w)
 {
@@ -932,7 +947,6 @@ static enum hrtimer_restart abuse_wake_timer_fn(struct hrtimer *timer)
 static void abuse_set_serving(struct abuse_device *dev,
 			      struct abuse_worker *w, bool serving)
 {
-	unsigned long nvcsw;
 	u64 now;
 
 	if (!serving) {
@@ -941,17 +955,12 @@ static void abuse_set_serving(struct abuse_device *dev,
 		return;
 	}
 	now = local_clock();
-	nvcsw = current->nvcsw;
-	if (test_and_set_bit(ABUSE_W_SERVING, &w->flags)) {
+	if (test_and_set_bit(ABUSE_W_SERVING, &w->flags))
 		abuse_fold(&dev->cycle_ns,
 			   abuse_ns_since(w->serving_since, now), 8);
-		abuse_fold(&w->cycle_blocks,
-			   nvcsw != w->nvcsw_since ? ABUSE_ONE : 0, 16);
-	} else {
+	else
 		atomic_inc(&dev->nr_serving);
-	}
 	WRITE_ONCE(w->serving_since, now);
-	w->nvcsw_since = nvcsw;
 }
 
 /* ---------------------------------------------------------------------
@@ -1547,6 +1556,7 @@ static int abuse_get_chunk(struct abuse_device *dev, struct abuse_worker *w,
 		 */
 		if (!*n)
 			abuse_set_serving(dev, w, true);
+		WRITE_ONCE(dev->lead_blocks, !abuse_worker_computes(w));
 	}
 	abuse_unlock(dev);
 	if (!taken)
@@ -1798,6 +1808,18 @@ static int abuse_get(struct abuse_device *dev, struct abuse_worker *w,
 		put_pid(old);
 	}
 
+	/*
+	 * Back from serving a batch: whether it blocked meanwhile (its
+	 * backend waited), for abuse_worker_computes.  Measured from the
+	 * batch's GET to this call, so also for a worker that sleeps in GET
+	 * between batches (a slow backend at a shallow queue).
+	 */
+	if (w->handed_out) {
+		abuse_fold(&w->cycle_blocks, current->nvcsw != w->nvcsw_out ?
+			   ABUSE_ONE : 0, 16);
+		w->handed_out = false;
+	}
+
 	x->nr_requests = 0;
 	while (x->max_requests) {
 		deferred = false;
@@ -1841,14 +1863,18 @@ static int abuse_get(struct abuse_device *dev, struct abuse_worker *w,
 	if (waiting)
 		abuse_note_gap(w, abuse_ns_since(waiting, local_clock()));
 	/* With a batch, busy since its first take (abuse_get_chunk). */
-	if (n)
+	if (n) {
 		abuse_count(dev, ABUSE_DS_BATCHES, 1);
-	else
+		w->nvcsw_out = current->nvcsw;
+		w->handed_out = true;
+	} else {
 		abuse_set_serving(dev, w, false);
+	}
 
 	/*
 	 * Work left behind: pass the wake-up on, at once for a share of big
-	 * requests (abuse_share), else lazily if we now hold a batch
+	 * requests (abuse_share), else as queue_rq would (abuse_enqueued):
+	 * lazily if we now hold a batch and compute
 	 * (abuse_enqueued), since we may well take it ourselves.
 	 */
 	if (abuse_has_work(dev)) {
@@ -2605,8 +2631,10 @@ static int abuse_ctl_release(struct inode *inode, struct file *file)
 	spin_lock_irq(&dev->lock);
 	requeued = abuse_requeue_in_flight(dev, w);
 	list_del(&w->node);
-	if (dev->lead == w)
+	if (dev->lead == w) {
 		dev->lead = NULL;
+		WRITE_ONCE(dev->lead_blocks, false);
+	}
 	kill = w->kill;
 	dev->stats.attached--;
 	spin_unlock_irq(&dev->lock);

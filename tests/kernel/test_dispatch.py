@@ -16,6 +16,7 @@ import os
 import select
 import signal
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -422,6 +423,62 @@ def sharing_no_lazy_wakeups() -> Iterator[None]:
     finally:
         for name, value in old.items():
             PARAMETERS.joinpath(name).write_text(value)
+
+
+@pytest.fixture
+def no_lazy_wakeups() -> Iterator[None]:
+    """The lazy wake-up's bound at ten minutes: within a test, the timer wakes nobody."""
+    old = PARAMETERS.joinpath("wake_min_us").read_text().strip()
+    PARAMETERS.joinpath("wake_min_us").write_text(str(600 * 1_000_000))
+    try:
+        yield
+    finally:
+        PARAMETERS.joinpath("wake_min_us").write_text(old)
+
+
+# Batches in which a worker blocks before the driver takes it for one
+# that waits in its backend (an average of 1/16 per batch past one half).
+BLOCKING_BATCHES = 16
+
+
+def test_a_lead_that_waits_in_its_backend_does_not_hold_back_a_new_request(
+    disks: Disks, no_lazy_wakeups: None
+) -> None:
+    """While the lead blocks in its backend, a new request wakes an idle worker at once.
+
+    A lead that computes comes back for a new request within its cycle,
+    so the request waits for it (lazily); one that waits on a network or
+    a slow disk would start it only after its wait, while an idle worker
+    can start it now.  The lead blocks in a run of batches (the driver's
+    measure), then holds one more; the next request must wake the other
+    worker at once: with the lazy bound at ten minutes, nothing else can.
+    """
+    config = disks.create(16 * PAGE, timeout_ms=LONG_TIMEOUT_MS)
+    dev = f"/dev/abuse{config.index}"
+    lead, other = RawWorker(config.index), RawWorker(config.index)
+    try:
+        for _ in range(BLOCKING_BATCHES):
+            read = Background(lambda: direct_read(dev, 0, PAGE))
+            got = lead.get(wait=True)
+            assert len(got) == 1
+            time.sleep(0.001)  # the backend waits: any blocking call, a voluntary context switch
+            assert lead.put([lead.answer(got[0])]) == [0]
+            read.join()
+        first, held, get = _hold_and_sleep(lead, other, dev)
+        before = _dispatch(config.index)
+        second = Background(lambda: direct_write(dev, PAGE, pattern(1, PAGE)))
+        got = get.join(timeout=LONG_TIMEOUT_MS / 1000).result
+        assert [(r.offset, r.op) for r in got] == [(PAGE, uapi.ABUSE_OP_WRITE)]
+        after = _dispatch(config.index)
+        assert after["wake_now"] == before["wake_now"] + 1
+        assert after["wake_lazy"] == before["wake_lazy"] == 0
+        assert other.put([other.answer(got[0])]) == [0]
+        second.join()
+        assert lead.put([lead.answer(held)]) == [0]
+        first.join()
+    finally:
+        lead.close()
+        other.close()
 
 
 def _waiting_for_io(job: Background) -> bool:
