@@ -1874,8 +1874,8 @@ static int abuse_get(struct abuse_device *dev, struct abuse_worker *w,
 	/*
 	 * Work left behind: pass the wake-up on, at once for a share of big
 	 * requests (abuse_share), else as queue_rq would (abuse_enqueued):
-	 * lazily if we now hold a batch and compute
-	 * (abuse_enqueued), since we may well take it ourselves.
+	 * lazily if we now hold a batch and compute, since we may well take
+	 * it ourselves.
 	 */
 	if (abuse_has_work(dev)) {
 		spin_lock_irq(&dev->lock);
