@@ -416,30 +416,22 @@ def _measure_side_by_side(
         for name, factory in factories.items():
             print(f"bench: {name}", flush=True)
             try:
-                devices[name] = stack.enter_context(factory())
+                device = stack.enter_context(factory())
                 if fill:
-                    prefill(devices[name])
+                    prefill(device)
+                devices[name] = device
             except Exception as err:  # one broken target must not lose the others
-                print(f"bench: {name} failed: {err}", flush=True)
-                result.setdefault("failures", {})[name] = str(err)
-                devices.pop(name, None)
-                failed += 1
+                failed += _failed(result, name, err)
         for turn in range(max(1, rounds)):
             for job in jobs:
                 names = list(devices)
                 shift = turn % max(len(names), 1)
                 for name in names[shift:] + names[:shift]:
                     try:
-                        measured = fio(devices[name], job, runtime)
+                        _run_job(result, name, devices[name], job, runtime, f"round {turn + 1}")
                     except Exception as err:
-                        print(f"bench: {name} failed: {err}", flush=True)
-                        result.setdefault("failures", {})[name] = str(err)
+                        failed += _failed(result, name, err)
                         del devices[name]
-                        failed += 1
-                        continue
-                    iops = sum(measured["fio"]["jobs"][0][side]["iops"] for side in ("read", "write"))
-                    print(f"bench:   {name} {job.name:18} {iops:10.0f} IOPS  (round {turn + 1})", flush=True)
-                    result["runs"].append({"target": name, "job": job.name, **measured})
     return failed
 
 
@@ -455,18 +447,25 @@ def _measure(
                 prefill(device)
                 print(f"bench:   prefilled  (t+{time.monotonic() - start:.0f} s)", flush=True)
             for job in jobs:
-                measured = fio(device, job, runtime)
-                read = measured["fio"]["jobs"][0]["read"]
-                write = measured["fio"]["jobs"][0]["write"]
-                iops = read["iops"] + write["iops"]
-                elapsed = time.monotonic() - start
-                print(f"bench:   {job.name:18} {iops:10.0f} IOPS  (t+{elapsed:.0f} s)", flush=True)
-                result["runs"].append({"target": name, "job": job.name, **measured})
+                _run_job(result, name, device, job, runtime, f"started at t+{time.monotonic() - start:.0f} s")
     except Exception as err:  # one broken target must not lose the others
-        print(f"bench: {name} failed: {err}", flush=True)
-        result.setdefault("failures", {})[name] = str(err)
-        return 1
+        return _failed(result, name, err)
     return 0
+
+
+def _run_job(result: dict[str, Any], name: str, device: Device, job: Job, runtime: int, when: str) -> None:
+    """Run ``job`` on ``device``, print its IOPS and keep the run as ``name``'s."""
+    measured = fio(device, job, runtime)
+    iops = sum(measured["fio"]["jobs"][0][side]["iops"] for side in ("read", "write"))
+    print(f"bench:   {name} {job.name:18} {iops:10.0f} IOPS  ({when})", flush=True)
+    result["runs"].append({"target": name, "job": job.name, **measured})
+
+
+def _failed(result: dict[str, Any], name: str, err: Exception) -> int:
+    """Report and keep ``name``'s failure; 1, for the count of failed targets."""
+    print(f"bench: {name} failed: {err}", flush=True)
+    result.setdefault("failures", {})[name] = str(err)
+    return 1
 
 
 if __name__ == "__main__":
