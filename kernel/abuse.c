@@ -1556,6 +1556,7 @@ static int abuse_get_chunk(struct abuse_device *dev, struct abuse_worker *w,
 		 */
 		if (!*n)
 			abuse_set_serving(dev, w, true);
+		/* with dev->lead, at every take: another GET may take between chunks */
 		WRITE_ONCE(dev->lead_blocks, !abuse_worker_computes(w));
 	}
 	abuse_unlock(dev);

@@ -412,20 +412,6 @@ PARAMETERS = Path("/sys/module/abuse/parameters")
 
 
 @pytest.fixture
-def sharing_no_lazy_wakeups() -> Iterator[None]:
-    """Big requests shared at 1 MiB (share_kib, off by default), and the lazy
-    wake-up's bound at ten minutes: within a test, the timer wakes nobody."""
-    old = {name: PARAMETERS.joinpath(name).read_text().strip() for name in ("share_kib", "wake_min_us")}
-    PARAMETERS.joinpath("share_kib").write_text("1024")
-    PARAMETERS.joinpath("wake_min_us").write_text(str(600 * 1_000_000))
-    try:
-        yield
-    finally:
-        for name, value in old.items():
-            PARAMETERS.joinpath(name).write_text(value)
-
-
-@pytest.fixture
 def no_lazy_wakeups() -> Iterator[None]:
     """The lazy wake-up's bound at ten minutes: within a test, the timer wakes nobody."""
     old = PARAMETERS.joinpath("wake_min_us").read_text().strip()
@@ -434,6 +420,17 @@ def no_lazy_wakeups() -> Iterator[None]:
         yield
     finally:
         PARAMETERS.joinpath("wake_min_us").write_text(old)
+
+
+@pytest.fixture
+def sharing_no_lazy_wakeups(no_lazy_wakeups: None) -> Iterator[None]:
+    """Big requests shared at 1 MiB (share_kib, off by default), and no lazy wake-ups."""
+    old = PARAMETERS.joinpath("share_kib").read_text().strip()
+    PARAMETERS.joinpath("share_kib").write_text("1024")
+    try:
+        yield
+    finally:
+        PARAMETERS.joinpath("share_kib").write_text(old)
 
 
 # Batches in which a worker blocks before the driver takes it for one
