@@ -40,7 +40,12 @@ so that it dies before the kernel would requeue what it holds -- is
 SIGKILLed and respawned like any dead child; a SIGSTOPped or wedged
 worker is found so.  Its idle wait is then at most an eighth of the
 disk's timeout.  A child that has not attached yet holds nothing and is
-not judged.
+not judged so; but one that has not attached within ``start_timeout``
+(by default four times ``alive_timeout``, at least a minute) is hung
+at start -- in its backend's open, say, a store that does not answer --
+and is SIGKILLed and counted as a failed start, so that the slot gets a
+fresh child with back-off and a pool whose every child hangs at start
+gives up like one whose every child crashes.
 
 Fencing by the store: a backend whose :meth:`~abuse.Backend.open_worker`
 returns an identity for the worker (``rbd:``, its RADOS client address)
@@ -188,7 +193,7 @@ class WorkerStat:
     restarts: int
     alive: bool
     ready: bool = False  # the current child has attached
-    hung_kills: int = 0  # children of this slot killed for a stale liveness stamp
+    hung_kills: int = 0  # children of this slot killed for a stale liveness stamp or a hung start
 
 
 @dataclass
@@ -206,7 +211,8 @@ class _Slot:
     failures: int = 0  # consecutive deaths within quick_death of spawning
     ready: bool = False  # the current child has attached
     hung_kills: int = 0
-    killed_hung: bool = False  # the current child was killed for its stamp
+    killed_hung: bool = False  # the current child was killed for its stamp, or hung at start
+    failed_start: bool = False  # ... for not attaching within start_timeout
     identity: str = ""  # the current child's, from its ready message ("" none)
 
 
@@ -362,7 +368,11 @@ class Pool:
     :func:`serve_worker`.  ``alive_timeout`` (seconds) kills a ready
     child whose liveness stamp is older: None takes half the disk's
     timeout (read by INFO) with the default target and turns liveness
-    off with any other; 0 turns it off.  ``credentials``: the default
+    off with any other; 0 turns it off.  ``start_timeout`` (seconds)
+    kills a child that has not attached (:func:`worker_ready`) that long
+    after its start: None takes four times ``alive_timeout``, at least
+    ``start_timeout_min``, or 0 (off) when liveness is off; 0 turns it
+    off.  ``credentials``: the default
     target drops to them after it has attached.  A child that dies is respawned with back-off;
     see the module docstring for when the pool gives up or ends on its
     own.  The backend must be open before the pool starts: children are
@@ -376,6 +386,7 @@ class Pool:
     backoff_max = 5.0  # ... doubling per quick death up to this
     quick_death = 1.0  # a child dead sooner than this failed at start: back off
     start_failures = 5  # every slot failing at start this many times in a row: give up
+    start_timeout_min = 60.0  # the default start_timeout's floor: a store may take long to open
 
     def __init__(
         self,
@@ -387,6 +398,7 @@ class Pool:
         target: Target | None = None,
         stop_timeout: float = 10.0,
         alive_timeout: float | None = None,
+        start_timeout: float | None = None,
         credentials: Credentials | None = None,
     ) -> None:
         if index < 0:
@@ -399,6 +411,8 @@ class Pool:
             raise ValueError(f"stop_timeout must be >= 0, not {stop_timeout}")
         if alive_timeout is not None and not (math.isfinite(alive_timeout) and alive_timeout >= 0):
             raise ValueError(f"alive_timeout must be >= 0, not {alive_timeout}")
+        if start_timeout is not None and not (math.isfinite(start_timeout) and start_timeout >= 0):
+            raise ValueError(f"start_timeout must be >= 0, not {start_timeout}")
         self.index = index
         self.backend = backend
         self.workers = workers
@@ -413,6 +427,7 @@ class Pool:
         self._result: int | None = None  # set when the pool ends on its own
         self._ran = False
         self.alive_timeout = alive_timeout
+        self.start_timeout = start_timeout
         self.credentials = credentials
         self._stamps_map = mmap.mmap(-1, 8 * workers)  # shared: forked children write their slot
         self._stamps = _ffi.from_buffer("double[]", self._stamps_map)
@@ -455,6 +470,9 @@ class Pool:
                 self.alive_timeout = self._disk_alive_timeout()
         elif self.alive_timeout is None:
             self.alive_timeout = 0.0
+        if self.start_timeout is None:
+            alive = self.alive_timeout
+            self.start_timeout = max(4 * alive, self.start_timeout_min) if alive else 0.0
         self._ready_r, self._ready_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         read_end, write_end = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         with self._lock:
@@ -606,12 +624,12 @@ class Pool:
         return timeout_ms / 2000
 
     def _check_liveness(self, now: float) -> float:
-        """SIGKILL every ready child whose stamp is too old; when to look again."""
+        """SIGKILL every child hung at start or ready with a stale stamp; when to look again."""
+        next_check = self._check_starts(now)
         limit = self.alive_timeout or 0.0
         if limit <= 0:
-            return math.inf
+            return next_check
         late = self._planned_wake and now - self._planned_wake > limit / 2
-        next_check = math.inf
         for slot in self._slots:
             if slot.proc is None or not slot.ready or slot.killed_hung:
                 continue
@@ -625,14 +643,42 @@ class Pool:
                 next_check = min(next_check, stamp + limit)
                 continue
             self._fence(slot)
-            try:
-                os.kill(slot.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                continue  # already dead: the reap will see it
-            slot.killed_hung = True
-            slot.hung_kills += 1
-            log.warning("worker %d (pid %d) stopped answering for %.1f s; killed", slot.number, slot.pid, age)
+            if self._kill_hung(slot):
+                log.warning(
+                    "worker %d (pid %d) stopped answering for %.1f s; killed",
+                    slot.number,
+                    slot.pid,
+                    age,
+                )
         return next_check
+
+    def _check_starts(self, now: float) -> float:
+        """SIGKILL every child not attached start_timeout after its start; when to look again."""
+        limit = self.start_timeout or 0.0
+        next_check = math.inf
+        if limit <= 0:
+            return next_check
+        for slot in self._slots:
+            if slot.proc is None or slot.ready or slot.killed_hung:
+                continue
+            if now - slot.started < limit:
+                next_check = min(next_check, slot.started + limit)
+            elif self._kill_hung(slot):
+                slot.failed_start = True
+                log.warning(
+                    "worker %d (pid %d) did not attach within %.1f s; killed", slot.number, slot.pid, limit
+                )
+        return next_check
+
+    def _kill_hung(self, slot: _Slot) -> bool:
+        """SIGKILL the slot's child, to be reaped and replaced; False if it was dead already."""
+        try:
+            os.kill(slot.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            return False  # the reap will see it
+        slot.killed_hung = True
+        slot.hung_kills += 1
+        return True
 
     def _fence(self, slot: _Slot) -> None:
         """Have the backend's store refuse the slot's child before it is killed.
@@ -680,6 +726,7 @@ class Pool:
         slot.ready = False
         slot.identity = ""
         killed_hung, slot.killed_hung = slot.killed_hung, False
+        failed_start, slot.failed_start = slot.failed_start, False
         if self._stop_requests or self._result is not None:
             log.debug("worker %d (pid %d) %s while stopping", slot.number, slot.pid, _describe(code))
             return
@@ -692,29 +739,30 @@ class Pool:
             )
             self._result = 0
             return
-        if lived < self.quick_death:
+        if lived < self.quick_death or failed_start:
             slot.failures += 1
             slot.delay = min(slot.delay * 2, self.backoff_max) if slot.delay else self.backoff_min
         else:
             slot.failures = 0
             slot.delay = self.backoff_min
         slot.due = now + slot.delay
+        what = f"did not attach within {self.start_timeout:.1f} s" if failed_start else _describe(code)
         if all(self._failing(other, now) for other in self._slots):
             log.error(
                 "every worker of abuse%d failed %d times in a row at start (last: worker %d %s); giving up",
                 self.index,
                 self.start_failures,
                 slot.number,
-                _describe(code),
+                what,
             )
             self._result = 1
             return
         log.log(
-            logging.INFO if killed_hung else logging.WARNING,
+            logging.INFO if killed_hung and not failed_start else logging.WARNING,
             "worker %d (pid %d) %s after %.1fs; restarting in %.1fs",
             slot.number,
             slot.pid,
-            _describe(code),
+            what,
             lived,
             slot.delay,
         )
@@ -723,7 +771,8 @@ class Pool:
         """Whether ``slot`` has failed at start often enough to give up on."""
         if slot.failures < self.start_failures:
             return False
-        return slot.proc is None or now - slot.started < self.quick_death
+        # A child not attached yet may be hanging where the last ones did.
+        return slot.proc is None or not slot.ready or now - slot.started < self.quick_death
 
     def _spawn_due(self) -> None:
         now = time.monotonic()
@@ -742,7 +791,7 @@ class Pool:
         mask = signal.pthread_sigmask(signal.SIG_BLOCK, _HANDLED_SIGNALS)
         self._stamps[slot.number] = time.monotonic()
         slot.ready = False
-        slot.killed_hung = False
+        slot.killed_hung = slot.failed_start = False
         try:
             pid = os.fork()
             if pid == 0:

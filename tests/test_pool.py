@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import os
 import signal
 import sys
@@ -457,3 +458,67 @@ def test_idle_wait_is_an_eighth_of_the_timeout() -> None:
 def test_bad_alive_timeout() -> None:
     with pytest.raises(ValueError, match="alive_timeout"):
         Pool(0, Backend(), 1, alive_timeout=-1)
+
+
+@pytest.mark.parametrize("value", [-1.0, math.nan, math.inf])
+def test_bad_start_timeout(value: float) -> None:
+    with pytest.raises(ValueError, match="start_timeout"):
+        Pool(0, Backend(), 1, start_timeout=value)
+
+
+def first_hangs_at_start(path: Path, index: int, backend: Backend, batch: int) -> None:
+    """The first child never attaches (a store that does not answer its open); the rest do."""
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
+    _note(path)
+    if noted(path)[0] != os.getpid():
+        pool_module.worker_ready()
+    while True:
+        time.sleep(60)
+
+
+def hangs_at_start(path: Path, index: int, backend: Backend, batch: int) -> None:
+    """Never attach."""
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
+    _note(path)
+    while True:
+        time.sleep(60)
+
+
+def test_a_child_hung_at_start_is_killed_and_replaced(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    notes = tmp_path / "notes"
+    pool = Pool(7, Backend(), 1, target=functools.partial(first_hangs_at_start, notes), start_timeout=0.5)
+
+    def replaced(pool: Pool) -> None:
+        wait_until(lambda: pool.ready, timeout=20)
+        hung, replacement = noted(notes)
+        assert pool.pids() == [replacement]
+        assert not psutil.pid_exists(hung) or psutil.Process(hung).status() == psutil.STATUS_ZOMBIE
+        assert pool.hung_kills == 1 and pool.restarts == 1
+
+    with caplog.at_level(logging.WARNING, logger="abuse.pool"):
+        assert drive(pool, replaced) == 0
+    assert "did not attach within 0.5 s; killed" in caplog.text
+
+
+def test_a_pool_whose_children_all_hang_at_start_gives_up(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    notes = tmp_path / "notes"
+    pool = Pool(7, Backend(), 2, target=functools.partial(hangs_at_start, notes), start_timeout=0.2)
+    timer = watchdog(pool, 30.0)
+    code = pool.run()
+    timer.cancel()
+    assert code == 1
+    assert len(noted(notes)) == 2 * pool.start_failures
+    gave_up = [r.getMessage() for r in caplog.records if "giving up" in r.getMessage()]
+    assert len(gave_up) == 1 and "did not attach within 0.2 s" in gave_up[0]
+
+
+def test_start_timeout_defaults_from_liveness(tmp_path: Path) -> None:
+    for alive, expected in ((0.0, 0.0), (2.0, Pool.start_timeout_min), (30.0, 120.0)):
+        target = functools.partial(heartbeat, tmp_path / "notes")
+        pool = Pool(7, Backend(), 1, target=target, alive_timeout=alive)
+        assert drive(pool, lambda pool: wait_until(lambda: pool.ready)) == 0
+        assert pool.start_timeout == expected
