@@ -52,7 +52,8 @@ def start_pool(dev: str, backend: str, workers: int) -> subprocess.Popen[str]:
 
     Not merely once its workers exist or the disk counts them attached: a
     worker attaches before it tells the pool so, and a worker stopped in
-    between is one the pool's liveness check does not yet watch.
+    between is one the pool's liveness check does not watch (only its
+    start timeout, a minute or more, would end it).
 
     The pool's output goes to an unlinked file, not a pipe: a pool that
     logs a failure per request would fill a pipe nobody reads until
