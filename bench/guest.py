@@ -319,6 +319,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bench.guest")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--runtime", type=int, default=10, help="seconds per fio job")
+    parser.add_argument(
+        "--scale-runtime",
+        type=int,
+        default=0,
+        help="seconds per fio job of the side-by-side scaling rounds (default: --runtime)",
+    )
     parser.add_argument("--size", type=int, default=1 << 30, help="bytes per device")
     parser.add_argument("--batch", type=int, default=64, help="abuse requests per GET")
     parser.add_argument("--only", default="", help="comma-separated targets (default: all)")
@@ -337,6 +343,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", action="store_true", help="only profile one worker, per job")
     parser.add_argument("--no-prefill", action="store_true", help="do not write each device first")
     args = parser.parse_args(argv)
+    for name, least in (("runtime", 1), ("scale_runtime", 0), ("rounds", 1)):
+        if getattr(args, name) < least:
+            parser.error(f"--{name.replace('_', '-')} must be >= {least}, not {getattr(args, name)}")
 
     TMPFS.mkdir(parents=True, exist_ok=True)
     run(["mount", "-t", "tmpfs", "-o", "size=3g", "bench", str(TMPFS)])
@@ -370,11 +379,12 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"bench.guest: unknown groups {sorted(groups - set(GROUPS))}")
         if "scaling" in groups:
             size = result["scale_size"] = min(args.size, SCALE_SIZE)
+            scale_runtime = result["scale_runtime_s"] = args.scale_runtime or args.runtime
             factories = {
                 f"scale-abuse-mem-{workers}w": lambda w=workers: abuse_disk(size, "memory", w, args.batch)
                 for workers in SCALE_WORKERS
             }
-            failed += _measure_side_by_side(result, factories, SCALE_JOBS, args.runtime, args.rounds, fill)
+            failed += _measure_side_by_side(result, factories, SCALE_JOBS, scale_runtime, args.rounds, fill)
             jobs = [scale_job(qd) for qd in SCALE_QUEUE_DEPTHS]
             failed += _measure(result, "scale-loop", lambda: loop_disk(size), jobs, args.runtime, fill)
         if "batching" in groups:

@@ -440,7 +440,8 @@ def markdown(raw: dict[str, Any], rows: list[Row], images: tuple[str, str] | Non
     if raw.get("scale_size"):
         lines[-1:] = [
             f"The worker-scaling disks ({raw['scale_size'] >> 20} MiB each) were up side by side, "
-            "each job run on each of them in turn, so that their ratios compare the same minutes of the rig.",
+            "each job run on each of them in turn, so that their ratios compare the same minutes of the rig"
+            + (f", {raw['scale_runtime_s']} s per job." if raw.get("scale_runtime_s") else "."),
             "",
         ]
     lines += _summary_table(rows)

@@ -373,3 +373,24 @@ def test_markdown_says_the_scaling_disks_were_up_side_by_side() -> None:
     assert "side by side" not in report.markdown(raw, report.rows_from_raw(raw))
     raw["scale_size"] = 512 << 20
     assert "(512 MiB each) were up side by side" in report.markdown(raw, report.rows_from_raw(raw))
+    raw["scale_runtime_s"] = 3
+    assert "the same minutes of the rig, 3 s per job." in report.markdown(raw, report.rows_from_raw(raw))
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--runtime", "0"], "--runtime must be >= 1, not 0"),
+        (["--scale-runtime", "-1"], "--scale-runtime must be >= 0, not -1"),
+        (["--rounds", "0"], "--rounds must be >= 1, not 0"),
+    ],
+)
+def test_the_guest_refuses_bad_counts_before_it_touches_anything(
+    tmp_path: Path, argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from bench import guest
+
+    with pytest.raises(SystemExit) as exc:
+        guest.main(["--out", str(tmp_path), *argv])
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
