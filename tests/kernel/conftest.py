@@ -153,16 +153,25 @@ def wait_for(predicate: Callable[[], bool], timeout: float = 30.0) -> None:
         time.sleep(0.02)
 
 
+def task_state(task: str) -> str:
+    """The state letter (S, D, R...) of the thread at ``task`` (a /proc task folder); "" once gone."""
+    try:
+        with open(f"{task}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return ""
+
+
 def asleep_in_driver(task: str) -> bool:
     """Whether the thread at ``task`` (a /proc task folder) sleeps in abuse.ko.
 
     A worker asleep there (a blocking GET) holds no requests; one awake
     may be holding the batch it took.
     """
+    if task_state(task) != "S":
+        return False
     try:
-        with open(f"{task}/stat") as f:
-            state = f.read().rsplit(")", 1)[1].split()[0]
         with open(f"{task}/wchan") as f:
-            return state == "S" and f.read().startswith("abuse")
+            return f.read().startswith("abuse")
     except (FileNotFoundError, ProcessLookupError):  # the task is gone
         return False

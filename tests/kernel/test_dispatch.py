@@ -25,7 +25,7 @@ import pytest
 from abuse import uapi
 from abuse.control import Control
 from tests.kernel.blockio import Background, direct_read, direct_write, pattern
-from tests.kernel.conftest import Disks, asleep_in_driver, wait_for
+from tests.kernel.conftest import Disks, asleep_in_driver, task_state, wait_for
 from tests.kernel.kmsg import KernelLog
 from tests.kernel.raw import RawWorker, Request, expect_errno, raw_errno
 
@@ -480,8 +480,7 @@ def test_a_lead_that_waits_in_its_backend_does_not_hold_back_a_new_request(
 
 def _waiting_for_io(job: Background) -> bool:
     """Whether ``job``'s thread sleeps uninterruptibly: an O_DIRECT call submitted its requests."""
-    with open(f"/proc/self/task/{job.tid}/stat") as f:
-        return f.read().rsplit(")", 1)[1].split()[0] == "D"
+    return task_state(f"/proc/self/task/{job.tid}") == "D"
 
 
 def _three_writes_of_a_mib(dev: str) -> list[Background]:
