@@ -658,6 +658,7 @@ class Pool:
         next_check = math.inf
         if limit <= 0:
             return next_check
+        self._read_ready()  # one that said so while the loop was busy is not hung
         for slot in self._slots:
             if slot.proc is None or slot.ready or slot.killed_hung:
                 continue
