@@ -488,18 +488,20 @@ def test_a_child_hung_at_start_is_killed_and_replaced(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     notes = tmp_path / "notes"
-    pool = Pool(7, Backend(), 1, target=functools.partial(first_hangs_at_start, notes), start_timeout=0.5)
+    pool = Pool(7, Backend(), 1, target=functools.partial(first_hangs_at_start, notes), start_timeout=1.0)
 
     def replaced(pool: Pool) -> None:
         wait_until(lambda: pool.ready, timeout=20)
-        hung, replacement = noted(notes)
-        assert pool.pids() == [replacement]
+        hung, *later = noted(notes)
+        (current,) = pool.pids()
+        assert current in later and hung not in pool.pids()
         assert not psutil.pid_exists(hung) or psutil.Process(hung).status() == psutil.STATUS_ZOMBIE
-        assert pool.hung_kills == 1 and pool.restarts == 1
+        # A replacement starved past the timeout on a loaded host is killed too: counted alike.
+        assert pool.hung_kills == pool.restarts == len(later) >= 1
 
     with caplog.at_level(logging.WARNING, logger="abuse.pool"):
         assert drive(pool, replaced) == 0
-    assert "did not attach within 0.5 s; killed" in caplog.text
+    assert f"(pid {noted(notes)[0]}) did not attach within 1.0 s; killed" in caplog.text
 
 
 def test_a_pool_whose_children_all_hang_at_start_gives_up(
