@@ -71,7 +71,7 @@ import threading
 import time
 from dataclasses import dataclass
 from types import FrameType
-from typing import Any, Callable, NoReturn
+from typing import Any, Callable, Literal, NoReturn
 
 import cffi
 import psutil
@@ -211,8 +211,8 @@ class _Slot:
     failures: int = 0  # consecutive deaths within quick_death of spawning
     ready: bool = False  # the current child has attached
     hung_kills: int = 0
-    killed_hung: bool = False  # the current child was killed for its stamp, or hung at start
-    failed_start: bool = False  # ... for not attaching within start_timeout
+    # Why the supervisor killed the current child: "stale" (its stamp), "start" (never attached).
+    killed: str = ""
     identity: str = ""  # the current child's, from its ready message ("" none)
 
 
@@ -631,7 +631,7 @@ class Pool:
             return next_check
         late = self._planned_wake and now - self._planned_wake > limit / 2
         for slot in self._slots:
-            if slot.proc is None or not slot.ready or slot.killed_hung:
+            if slot.proc is None or not slot.ready or slot.killed:
                 continue
             stamp = self._stamps[slot.number]
             if late:
@@ -643,7 +643,7 @@ class Pool:
                 next_check = min(next_check, stamp + limit)
                 continue
             self._fence(slot)
-            if self._kill_hung(slot):
+            if self._kill_hung(slot, "stale"):
                 log.warning(
                     "worker %d (pid %d) stopped answering for %.1f s; killed",
                     slot.number,
@@ -658,26 +658,26 @@ class Pool:
         next_check = math.inf
         if limit <= 0:
             return next_check
-        self._read_ready()  # one that said so while the loop was busy is not hung
         for slot in self._slots:
-            if slot.proc is None or slot.ready or slot.killed_hung:
+            if slot.proc is None or slot.ready or slot.killed:
                 continue
             if now - slot.started < limit:
                 next_check = min(next_check, slot.started + limit)
-            elif self._kill_hung(slot):
-                slot.failed_start = True
+                continue
+            self._read_ready()  # it may have said so while the loop was busy
+            if not slot.ready and self._kill_hung(slot, "start"):
                 log.warning(
                     "worker %d (pid %d) did not attach within %.1f s; killed", slot.number, slot.pid, limit
                 )
         return next_check
 
-    def _kill_hung(self, slot: _Slot) -> bool:
-        """SIGKILL the slot's child, to be reaped and replaced; False if it was dead already."""
+    def _kill_hung(self, slot: _Slot, why: Literal["stale", "start"]) -> bool:
+        """SIGKILL the slot's child for ``why`` (_Slot.killed); False if it was dead already."""
         try:
             os.kill(slot.pid, signal.SIGKILL)
         except ProcessLookupError:
             return False  # the reap will see it
-        slot.killed_hung = True
+        slot.killed = why
         slot.hung_kills += 1
         return True
 
@@ -726,8 +726,8 @@ class Pool:
         slot.proc = None
         slot.ready = False
         slot.identity = ""
-        killed_hung, slot.killed_hung = slot.killed_hung, False
-        failed_start, slot.failed_start = slot.failed_start, False
+        killed, slot.killed = slot.killed, ""
+        failed_start = killed == "start"
         if self._stop_requests or self._result is not None:
             log.debug("worker %d (pid %d) %s while stopping", slot.number, slot.pid, _describe(code))
             return
@@ -759,7 +759,7 @@ class Pool:
             self._result = 1
             return
         log.log(
-            logging.INFO if killed_hung and not failed_start else logging.WARNING,
+            logging.INFO if killed == "stale" else logging.WARNING,
             "worker %d (pid %d) %s after %.1fs; restarting in %.1fs",
             slot.number,
             slot.pid,
@@ -792,7 +792,7 @@ class Pool:
         mask = signal.pthread_sigmask(signal.SIG_BLOCK, _HANDLED_SIGNALS)
         self._stamps[slot.number] = time.monotonic()
         slot.ready = False
-        slot.killed_hung = slot.failed_start = False
+        slot.killed = ""
         try:
             pid = os.fork()
             if pid == 0:

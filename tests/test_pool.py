@@ -476,14 +476,6 @@ def first_hangs_at_start(path: Path, index: int, backend: Backend, batch: int) -
         time.sleep(60)
 
 
-def hangs_at_start(path: Path, index: int, backend: Backend, batch: int) -> None:
-    """Never attach."""
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
-    _note(path)
-    while True:
-        time.sleep(60)
-
-
 def test_a_child_hung_at_start_is_killed_and_replaced(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -508,7 +500,7 @@ def test_a_pool_whose_children_all_hang_at_start_gives_up(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     notes = tmp_path / "notes"
-    pool = Pool(7, Backend(), 2, target=functools.partial(hangs_at_start, notes), start_timeout=0.2)
+    pool = Pool(7, Backend(), 2, target=functools.partial(sleeper, notes), start_timeout=0.2)
     timer = watchdog(pool, 30.0)
     code = pool.run()
     timer.cancel()
