@@ -10,6 +10,7 @@ hand-out.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import os
@@ -411,26 +412,30 @@ MIB = 1 << 20
 PARAMETERS = Path("/sys/module/abuse/parameters")
 
 
-@pytest.fixture
-def no_lazy_wakeups() -> Iterator[None]:
-    """The lazy wake-up's bound at ten minutes: within a test, the timer wakes nobody."""
-    old = PARAMETERS.joinpath("wake_min_us").read_text().strip()
-    PARAMETERS.joinpath("wake_min_us").write_text(str(600 * 1_000_000))
+@contextlib.contextmanager
+def module_parameter(name: str, value: str) -> Iterator[None]:
+    """abuse.ko's parameter ``name`` set to ``value`` for the block, then restored."""
+    path = PARAMETERS / name
+    old = path.read_text().strip()
+    path.write_text(value)
     try:
         yield
     finally:
-        PARAMETERS.joinpath("wake_min_us").write_text(old)
+        path.write_text(old)
+
+
+@pytest.fixture
+def no_lazy_wakeups() -> Iterator[None]:
+    """The lazy wake-up's bound at ten minutes: within a test, the timer wakes nobody."""
+    with module_parameter("wake_min_us", str(600 * 1_000_000)):
+        yield
 
 
 @pytest.fixture
 def sharing_no_lazy_wakeups(no_lazy_wakeups: None) -> Iterator[None]:
     """Big requests shared at 1 MiB (share_kib, off by default), and no lazy wake-ups."""
-    old = PARAMETERS.joinpath("share_kib").read_text().strip()
-    PARAMETERS.joinpath("share_kib").write_text("1024")
-    try:
+    with module_parameter("share_kib", "1024"):
         yield
-    finally:
-        PARAMETERS.joinpath("share_kib").write_text(old)
 
 
 # Batches in which a worker blocks before the driver takes it for one
