@@ -747,7 +747,11 @@ class Pool:
             slot.failures = 0
             slot.delay = self.backoff_min
         slot.due = now + slot.delay
-        what = f"did not attach within {self.start_timeout:.1f} s" if failed_start else _describe(code)
+        # A child killed at start lived exactly the start timeout: say it once.
+        if failed_start:
+            what = f"did not attach within {self.start_timeout:.1f} s"
+        else:
+            what = f"{_describe(code)} after {lived:.1f}s"
         if all(self._failing(other, now) for other in self._slots):
             log.error(
                 "every worker of abuse%d failed %d times in a row at start (last: worker %d %s); giving up",
@@ -760,11 +764,10 @@ class Pool:
             return
         log.log(
             logging.INFO if killed == "stale" else logging.WARNING,
-            "worker %d (pid %d) %s after %.1fs; restarting in %.1fs",
+            "worker %d (pid %d) %s; restarting in %.1fs",
             slot.number,
             slot.pid,
             what,
-            lived,
             slot.delay,
         )
 

@@ -192,6 +192,9 @@ def test_sigstop_storm_and_resets_under_fio_verify(kind: str, tmp_path: Path, rn
     with served_disk("128M", backend, 3, "--timeout", str(TIMEOUT), "--retries", "100") as (dev, serve):
         job = start_fio_verify(dev, 60, size="64M", iodepth=32)
         while job.poll() is None and stops < 8:
+            # A victim among attached workers only: a replacement stopped before it
+            # attaches holds nothing, and the pool's start timeout kills it instead.
+            wait_for(lambda: sysfs_counters(dev)["attached"] == 3, timeout=180)
             victim = _awake_worker(serve)
             if victim is None:
                 continue
@@ -205,7 +208,6 @@ def test_sigstop_storm_and_resets_under_fio_verify(kind: str, tmp_path: Path, rn
                 replaced += 1
             except AssertionError:
                 os.kill(victim, signal.SIGCONT)  # it held nothing: nothing to fence
-            wait_for(lambda: len(worker_pids(serve)) == 3, timeout=180)
         finish_fio(job)
         counters = assert_settled(dev)
         log = _pool_log_so_far(serve)
