@@ -191,11 +191,9 @@ def test_sigstop_storm_and_resets_under_fio_verify(kind: str, tmp_path: Path, rn
     stops = resets = replaced = 0
     with served_disk("128M", backend, 3, "--timeout", str(TIMEOUT), "--retries", "100") as (dev, serve):
         job = start_fio_verify(dev, 60, size="64M", iodepth=32)
+        seen_waiting: set[int] = set()
         while job.poll() is None and stops < 8:
-            # A victim among attached workers only: a replacement stopped before it
-            # attaches holds nothing, and the pool's start timeout kills it instead.
-            wait_for(lambda: sysfs_counters(dev)["attached"] == 3, timeout=180)
-            victim = _awake_worker(serve)
+            victim = _awake_worker(serve, seen_waiting)
             if victim is None:
                 continue
             os.kill(victim, signal.SIGSTOP)
@@ -208,6 +206,7 @@ def test_sigstop_storm_and_resets_under_fio_verify(kind: str, tmp_path: Path, rn
                 replaced += 1
             except AssertionError:
                 os.kill(victim, signal.SIGCONT)  # it held nothing: nothing to fence
+            wait_for(lambda: len(worker_pids(serve)) == 3, timeout=180)
         finish_fio(job)
         counters = assert_settled(dev)
         log = _pool_log_so_far(serve)
@@ -221,12 +220,19 @@ def test_sigstop_storm_and_resets_under_fio_verify(kind: str, tmp_path: Path, rn
     assert named >= replaced, log
 
 
-def _awake_worker(serve: subprocess.Popen[str]) -> int | None:
-    """A worker not asleep in GET (so likely holding a batch), or None."""
+def _awake_worker(serve: subprocess.Popen[str], seen_waiting: set[int]) -> int | None:
+    """A worker not asleep in GET (so likely holding a batch), or None.
+
+    Only one seen waiting in GET before (noted in ``seen_waiting``): a
+    replacement still starting up holds nothing, and stopped there it is
+    the pool's start timeout that kills it, a minute later.
+    """
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline:
         for pid in worker_pids(serve):
-            if not asleep_in_driver(f"/proc/{pid}") and not _gone(pid):
+            if asleep_in_driver(f"/proc/{pid}"):
+                seen_waiting.add(pid)
+            elif pid in seen_waiting and not _gone(pid):
                 return pid
         time.sleep(0.001)
     return None
