@@ -25,7 +25,7 @@ from bench.guest import abuse_disk, fio, prefill
 from bench.jobs import Job
 
 PARAMS = Path("/sys/module/abuse/parameters")
-_NEW = {"wake_max_us": "10000", "wake_min_us": "2000", "spin_max_us": "200", "share_kib": "0"}
+_NEW = {"wake_max_us": "10000", "wake_min_us": "10000", "spin_max_us": "200", "share_kib": "0"}
 MODES = {
     "old": {**_NEW, "wake_max_us": "0", "spin_max_us": "0"},
     "new": _NEW,
