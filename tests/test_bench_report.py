@@ -316,6 +316,34 @@ def test_worker_scaling_table_in_markdown_and_readme() -> None:
         assert "| seqwrite-1M-qd4 | MB/s | " in text
 
 
+def test_per_round_ratios_pair_each_round_with_one_workers_same_round(tmp_path: Path) -> None:
+    raw = raw_result({"loop": 1.0}, scaling=False)
+    # Three rounds, each job on each disk in turn; the rig drifts 4x, and
+    # the 2-worker disk's last round fell at a slow moment (0.3x).
+    for one, two in ((1.0, 0.9), (2.0, 1.8), (4.0, 1.2)):
+        raw["runs"] += [
+            _run("scale-abuse-mem-1w", "randread-4k-qd32", one),
+            _run("scale-abuse-mem-2w", "randread-4k-qd32", two),
+        ]
+    assert report.per_round_ratios(raw) == {
+        ("randread-4k-qd32", 2): pytest.approx((0.9 * 0.9 * 0.3) ** (1 / 3))
+    }
+    entry = report.worker_scaling(report.rows_from_raw(raw), report.per_round_ratios(raw))[0]
+    assert entry["workers"][2]["vs_1w"] == pytest.approx(0.6)  # the medians: 1.2 against 2.0, judged
+    assert entry["workers"][2]["per_round_vs_1w"] == pytest.approx(0.624, abs=1e-3)
+    assert entry["holds"] is False
+    line = next(
+        line
+        for line in report.markdown(raw, report.rows_from_raw(raw)).splitlines()
+        if line.startswith("| randread-4k-qd32 | IOPS | ")
+    )
+    assert "| 0.60x | 0.62x |" in line
+    (tmp_path / "raw.json").write_text(json.dumps(raw))
+    assert report.main([str(tmp_path), "--results", str(tmp_path / "out")]) == 0
+    document = json.loads(next((tmp_path / "out").glob("*.json")).read_text())
+    assert document["worker_scaling"][0]["workers"]["2"]["per_round_vs_1w"] == pytest.approx(0.624, abs=1e-3)
+
+
 def test_slow_backend_delay_matches_the_jobs() -> None:
     from bench.slow_backend import SlowBackend
 
