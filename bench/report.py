@@ -155,15 +155,18 @@ def rows_from_raw(raw: dict[str, Any]) -> list[Row]:
     return [_median(rounds) for rounds in _rounds(raw).values()]
 
 
-def _rounds(raw: dict[str, Any]) -> dict[tuple[str, str], list[Row]]:
-    """Every run of ``raw`` as a Row, by (target, job), sorted by figure."""
-    rounds: dict[tuple[str, str], list[Row]] = {}
+def _runs(raw: dict[str, Any]) -> dict[tuple[str, str], list[Row]]:
+    """Every run of ``raw`` as a Row, by (target, job), in the order run."""
+    runs: dict[tuple[str, str], list[Row]] = {}
     for run in raw["runs"]:
         row = _row(run)
-        rounds.setdefault((row.target, row.job), []).append(row)
-    for rows in rounds.values():
-        rows.sort(key=lambda row: row.figure)
-    return rounds
+        runs.setdefault((row.target, row.job), []).append(row)
+    return runs
+
+
+def _rounds(raw: dict[str, Any]) -> dict[tuple[str, str], list[Row]]:
+    """Every run of ``raw`` as a Row, by (target, job), sorted by figure."""
+    return {key: sorted(rows, key=lambda row: row.figure) for key, rows in _runs(raw).items()}
 
 
 def _median(ordered: list[Row]) -> Row:
@@ -374,19 +377,18 @@ def per_round_ratios(raw: dict[str, Any]) -> dict[tuple[str, int], float]:
     k-th run of a (disk, job) is its k-th round, and a ratio inside one
     round compares the same minute of the rig.  Its drift (up to 2x
     between rounds under TCG) then cancels out, where a ratio of two
-    medians can take them from different minutes.
+    medians can take them from different minutes.  A disk that fails is
+    dropped from then on, so its runs still pair with the same rounds.
     """
-    figures: dict[tuple[str, int], list[float]] = {}
-    for run in raw["runs"]:
-        row = _row(run)
-        if row.target.startswith(SCALE_PREFIX):
-            workers = int(row.target.removeprefix(SCALE_PREFIX).removesuffix("w"))
-            figures.setdefault((row.job, workers), []).append(row.figure)
+    runs = _runs(raw)
     out = {}
-    for (job, workers), own in figures.items():
-        one = figures.get((job, 1), [])
-        pairs = [a / b for a, b in zip(own, one) if a > 0 and b > 0]
-        if workers != 1 and pairs:
+    for (target, job), own in runs.items():
+        if not target.startswith(SCALE_PREFIX) or target == f"{SCALE_PREFIX}1w":
+            continue
+        one = runs.get((f"{SCALE_PREFIX}1w", job), [])
+        pairs = [a.figure / b.figure for a, b in zip(own, one) if a.figure > 0 and b.figure > 0]
+        if pairs:
+            workers = int(target.removeprefix(SCALE_PREFIX).removesuffix("w"))
             out[(job, workers)] = statistics.geometric_mean(pairs)
     return out
 
