@@ -28,6 +28,7 @@
 #include <linux/poll.h>
 #include <linux/sched/clock.h>
 #include <linux/sched/signal.h>
+#include <linux/sched/stat.h>
 #include <linux/slab.h>
 #include <linux/uaccess.h>
 #include <linux/wait.h>
@@ -1652,6 +1653,12 @@ static bool abuse_has_work(struct abuse_device *dev)
  * most spin_max_us, and nothing once they average more than that, so a
  * disk that goes idle stops polling on its own; one poller per disk,
  * and never past need_resched() or a signal.
+ *
+ * Only while no other task waits for this CPU (single_task_running(),
+ * as KVM's halt polling does): at queue depth 1 the task woken here is
+ * often the submitter itself, and it may wait out our budget, since
+ * the scheduler need not preempt us at once (EEVDF on 6.6+ lets us run
+ * to parity): polling would delay the very request we poll for.
  * Returns true if work came.
  */
 static bool abuse_spin_for_work(struct abuse_device *dev,
@@ -1663,7 +1670,7 @@ static bool abuse_spin_for_work(struct abuse_device *dev,
 	u64 start, now;
 
 	/* Work usually comes later than we may poll: do not poll at all. */
-	if (!budget || gap > max)
+	if (!budget || gap > max || !single_task_running())
 		return false;
 	spin_lock_irq(&dev->lock);
 	if (dev->spinner) {
@@ -1681,7 +1688,7 @@ static bool abuse_spin_for_work(struct abuse_device *dev,
 		cpu_relax();
 		now = local_clock();
 	} while (abuse_ns_since(start, now) < budget && !need_resched() &&
-		 !signal_pending(current));
+		 single_task_running() && !signal_pending(current));
 
 	/*
 	 * queue_rq woke nobody while we polled: look once more under the

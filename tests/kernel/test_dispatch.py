@@ -16,6 +16,7 @@ import errno
 import os
 import select
 import signal
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -547,6 +548,71 @@ def test_a_lone_worker_takes_every_big_request_at_once(disks: Disks, sharing_no_
             write.join()
     finally:
         worker.close()
+
+
+# Reads served per case of the polling test: enough for the polling
+# budget (twice the recent waits, folded over 8) to build up.
+POLLED_READS = 256
+
+
+def _polls_serving_reads(index: int, worker_cpu: int, reader_cpu: int) -> tuple[int, int]:
+    """Serve ``POLLED_READS`` direct 4k reads at QD1 (dd on ``reader_cpu``) with
+    this thread pinned to ``worker_cpu``; return the GETs' (polls, batches)."""
+    before = _dispatch(index)
+    worker = RawWorker(index)
+    old_cpus = os.sched_getaffinity(0)
+    reader = subprocess.Popen(
+        [
+            "taskset",
+            "-c",
+            str(reader_cpu),
+            "dd",
+            f"if=/dev/abuse{index}",
+            "of=/dev/null",
+            "bs=4096",
+            f"count={POLLED_READS}",
+            "iflag=direct",
+            "status=none",
+        ]
+    )
+    try:
+        os.sched_setaffinity(0, {worker_cpu})
+        while reader.poll() is None:
+            got = worker.get(wait=True, wait_ms=100)
+            if got:
+                worker.put([worker.answer(r) for r in got])
+        assert reader.returncode == 0
+    finally:
+        os.sched_setaffinity(0, old_cpus)
+        reader.kill()
+        reader.wait()
+        worker.close()
+    after = _dispatch(index)
+    return after["polls"] - before["polls"], after["batches"] - before["batches"]
+
+
+def test_get_polls_only_while_no_other_task_waits_for_its_cpu(disks: Disks) -> None:
+    """A GET polls for the next request only while alone on its CPU.
+
+    At QD1 the task woken onto a polling worker's CPU is often the
+    submitter, which would wait out the poll.  With a busy loop runnable
+    on the worker's CPU, no GET may poll; alone there, the same reads
+    are polled for (spin_max_us raised to 20 ms, so that TCG's slow
+    round trips fit in the budget).
+    """
+    assert len(os.sched_getaffinity(0)) >= 2, "the guest needs two CPUs"
+    config = disks.create(POLLED_READS * PAGE, timeout_ms=LONG_TIMEOUT_MS)
+    with module_parameter("spin_max_us", "20000"):
+        polls, batches = _polls_serving_reads(config.index, worker_cpu=1, reader_cpu=0)
+        assert batches >= POLLED_READS and polls > 0
+        hog = subprocess.Popen(["sh", "-c", "while :; do :; done"])
+        try:
+            os.sched_setaffinity(hog.pid, {1})
+            polls, batches = _polls_serving_reads(config.index, worker_cpu=1, reader_cpu=0)
+        finally:
+            hog.kill()
+            hog.wait()
+        assert batches >= POLLED_READS and polls == 0
 
 
 def test_interrupted_get_restarts_for_sa_restart_handlers(disks: Disks) -> None:
