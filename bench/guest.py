@@ -47,12 +47,10 @@ from bench.jobs import (
     CEPH_JOBS,
     JOBS,
     SCALE_JOBS,
-    SCALE_QUEUE_DEPTHS,
     SCALE_WORKERS,
     SLOW_JOB,
     SLOW_WORKERS,
     Job,
-    scale_job,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -380,13 +378,14 @@ def main(argv: list[str] | None = None) -> int:
         if "scaling" in groups:
             size = result["scale_size"] = min(args.size, SCALE_SIZE)
             scale_runtime = result["scale_runtime_s"] = args.scale_runtime or args.runtime
-            factories = {
+            # loop runs in the rounds too: the targets against it are
+            # judged there (bench.report.loop_paired).
+            factories: dict[str, Any] = {"scale-loop": lambda: loop_disk(size)}
+            factories |= {
                 f"scale-abuse-mem-{workers}w": lambda w=workers: abuse_disk(size, "memory", w, args.batch)
                 for workers in SCALE_WORKERS
             }
             failed += _measure_side_by_side(result, factories, SCALE_JOBS, scale_runtime, args.rounds, fill)
-            jobs = [scale_job(qd) for qd in SCALE_QUEUE_DEPTHS]
-            failed += _measure(result, "scale-loop", lambda: loop_disk(size), jobs, args.runtime, fill)
         if "batching" in groups:
             for batch in BATCH_SIZES:
                 factory = lambda b=batch: abuse_disk(args.size, "memory", 1, b)  # noqa: E731
@@ -421,6 +420,8 @@ def _measure_side_by_side(
     worker every 200 ms), alike for every run.
     """
     failed = 0
+    # For the report: which targets' runs pair up round by round.
+    result.setdefault("side_by_side", []).extend(factories)
     with contextlib.ExitStack() as stack:
         devices: dict[str, Device] = {}
         for name, factory in factories.items():

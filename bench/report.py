@@ -33,6 +33,7 @@ __all__ = [
     "Row",
     "batching",
     "file_vs_memory",
+    "loop_paired",
     "main",
     "markdown",
     "per_round_ratios",
@@ -85,6 +86,17 @@ SCALING_LEAST_4K = 0.9
 SCALING_LEAST_SEQ = 1.0
 # The worker-scaling disks' targets: this, then the worker count, then "w".
 SCALE_PREFIX = "scale-abuse-mem-"
+SCALE_ONE = f"{SCALE_PREFIX}1w"
+# loop over tmpfs, up side by side with the worker-scaling disks.
+SCALE_LOOP = "scale-loop"
+
+# The issue's targets against loop (issue 12), judged inside the rounds:
+# (label, job names, least ratio, oldest kernel series it applies to).
+# The best worker count must reach it, read and write.
+LOOP_PAIRED = [
+    ("4k QD1", ("randread-4k-qd1", "randwrite-4k-qd1"), 0.7, (6, 1)),
+    ("4k QD32", ("randread-4k-qd32", "randwrite-4k-qd32"), 1.0, (6, 12)),
+]
 
 
 def kernel_series(kernel: str) -> str:
@@ -369,9 +381,10 @@ def slow_backend(rows: list[Row]) -> list[dict[str, Any]]:
     return out
 
 
-def per_round_ratios(raw: dict[str, Any]) -> dict[tuple[str, int], float]:
+def per_round_ratios(raw: dict[str, Any], base: str = SCALE_ONE) -> dict[tuple[str, int], float]:
     """(job, workers) -> the geometric mean, over the rounds, of the
-    worker-scaling disk's figure against 1 worker's in the same round.
+    worker-scaling disk's figure against ``base``'s (1 worker, or
+    SCALE_LOOP) in the same round.
 
     The rounds run each job on each disk in turn (bench.guest), so the
     k-th run of a (disk, job) is its k-th round, and a ratio inside one
@@ -383,10 +396,10 @@ def per_round_ratios(raw: dict[str, Any]) -> dict[tuple[str, int], float]:
     runs = _runs(raw)
     out = {}
     for (target, job), own in runs.items():
-        if not target.startswith(SCALE_PREFIX) or target == f"{SCALE_PREFIX}1w":
+        if not target.startswith(SCALE_PREFIX) or target == base:
             continue
-        one = runs.get((f"{SCALE_PREFIX}1w", job), [])
-        pairs = [a.figure / b.figure for a, b in zip(own, one) if a.figure > 0 and b.figure > 0]
+        theirs = runs.get((base, job), [])
+        pairs = [a.figure / b.figure for a, b in zip(own, theirs) if a.figure > 0 and b.figure > 0]
         if pairs:
             workers = int(target.removeprefix(SCALE_PREFIX).removesuffix("w"))
             out[(job, workers)] = statistics.geometric_mean(pairs)
@@ -434,6 +447,43 @@ def worker_scaling(
                 "holds": bool(ratios)
                 and None not in ratios
                 and min(r for r in ratios if r is not None) >= least,
+            }
+        )
+    return out
+
+
+def loop_paired(raw: dict[str, Any]) -> list[dict[str, Any]]:
+    """The targets against loop that apply to ``raw``'s kernel, from the rounds.
+
+    Per worker count, the worse of its read and write per-round ratios to
+    SCALE_LOOP (per_round_ratios); a target holds when the best count
+    reaches its least.  Empty unless loop ran in the rounds (benches
+    before 2026-12-03 ran it on its own, after them).
+    """
+    if SCALE_LOOP not in raw.get("side_by_side", []):
+        return []
+    ratios = per_round_ratios(raw, SCALE_LOOP)
+    series = tuple(int(x) for x in kernel_series(raw["kernel"]).split("."))
+    out = []
+    for label, jobs, least, since in LOOP_PAIRED:
+        if series < since:
+            continue
+        worst: dict[int, float | None] = {}
+        for workers in SCALE_WORKERS:
+            found = [ratios.get((job, workers)) for job in jobs]
+            worst[workers] = None if None in found else min(r for r in found if r is not None)
+        judged = {w: r for w, r in worst.items() if r is not None}
+        if not judged:
+            continue
+        best = max(judged, key=lambda w: judged[w])
+        out.append(
+            {
+                "target": label,
+                "jobs": list(jobs),
+                "least": least,
+                "workers": worst,
+                "best": best,
+                "holds": judged[best] >= least,
             }
         )
     return out
@@ -522,6 +572,7 @@ def markdown(raw: dict[str, Any], rows: list[Row], images: tuple[str, str] | Non
         if images:
             lines += ["", f"![scaling]({images[1]})"]
     lines += _worker_scaling_table(raw, rows)
+    lines += _loop_paired_table(raw)
     lines += _rounds_table(raw)
     lines += _slow_table(rows)
     lines += _ceph_table(rows)
@@ -625,6 +676,29 @@ def _worker_scaling_table(raw: dict[str, Any], rows: list[Row]) -> list[str]:
     return lines
 
 
+def _loop_paired_table(raw: dict[str, Any]) -> list[str]:
+    entries = loop_paired(raw)
+    if not entries:
+        return []
+    lines = [
+        "",
+        "## Against loop, side by side: memory backend by workers, ratio to loop in the same round",
+        "",
+        "loop ran in the worker-scaling rounds; each cell is the worse of read and write of the geometric"
+        " mean of the ratios inside each round. The best worker count must reach the least.",
+        "",
+        "| target | " + " | ".join(f"{w}w" for w in SCALE_WORKERS) + " | best | least | holds |",
+        "|---|" + "---|" * len(SCALE_WORKERS) + "---|---|---|",
+    ]
+    for entry in entries:
+        cells = " | ".join(_x(entry["workers"][w]) for w in SCALE_WORKERS)
+        lines.append(
+            f"| {entry['target']} ({', '.join(entry['jobs'])}) | {cells} | {entry['best']}w | "
+            f"{entry['least']}x | {_holds(entry)} |"
+        )
+    return lines
+
+
 def _slow_table(rows: list[Row]) -> list[str]:
     entries = slow_backend(rows)
     if not entries:
@@ -722,6 +796,7 @@ def readme_block(raw: dict[str, Any], rows: list[Row], stem: str) -> str:
     lines += _summary_table(rows)
     lines += _file_table(rows)
     lines += _worker_scaling_table(raw, rows)
+    lines += _loop_paired_table(raw)
     lines += _rounds_table(raw)
     lines += _slow_table(rows)
     lines += [
@@ -758,6 +833,7 @@ def main(argv: list[str] | None = None) -> int:
         "targets": targets_check(rows, raw["kernel"]),
         "scaling": scaling(rows),
         "worker_scaling": worker_scaling(rows, per_round_ratios(raw)),
+        "loop_paired": loop_paired(raw),
         "file_vs_memory": file_vs_memory(rows),
         "slow_backend": slow_backend(rows),
         "batching": batching(rows),

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from bench import report
-from bench.jobs import BATCH_JOBS, CEPH_JOBS, JOBS, SLOW_DELAY_S, WORKER_SCALING_JOBS
+from bench.jobs import BATCH_JOBS, CEPH_JOBS, JOBS, SCALE_JOBS, SLOW_DELAY_S, WORKER_SCALING_JOBS
 
 CANNED = json.loads((Path(__file__).parent / "data" / "fio-randread.json").read_text())
 CANNED_IOPS = CANNED["jobs"][0]["read"]["iops"]
@@ -342,6 +342,64 @@ def test_per_round_ratios_pair_each_round_with_one_workers_same_round(tmp_path: 
     assert report.main([str(tmp_path), "--results", str(tmp_path / "out")]) == 0
     document = json.loads(next((tmp_path / "out").glob("*.json")).read_text())
     assert document["worker_scaling"][0]["workers"]["2"]["per_round_vs_1w"] == pytest.approx(0.624, abs=1e-3)
+
+
+def _loop_paired_raw(kernel: str, ratios: dict[tuple[str, int], tuple[float, float]]) -> dict[str, Any]:
+    """Two rounds in which the rig runs 3x faster in the second; ``ratios`` gives
+    each (job, workers) its ratio to loop in each round."""
+    raw = raw_result({"loop": 1.0}, scaling=False)
+    raw["kernel"] = kernel
+    raw["side_by_side"] = ["scale-loop", "scale-abuse-mem-1w", "scale-abuse-mem-2w", "scale-abuse-mem-4w"]
+    for turn, drift in enumerate((1.0, 3.0)):
+        for job in sorted({job for job, _ in ratios}):
+            raw["runs"].append(_run("scale-loop", job, drift))
+            for (name, workers), by_round in ratios.items():
+                if name == job:
+                    raw["runs"].append(_run(f"scale-abuse-mem-{workers}w", job, drift * by_round[turn]))
+    return raw
+
+
+LOOP_PAIRED_RATIOS = {
+    ("randread-4k-qd1", 1): (0.8, 0.8),
+    ("randwrite-4k-qd1", 1): (0.6, 0.6),  # 1w: the write holds it back
+    ("randread-4k-qd1", 2): (0.75, 0.75),
+    ("randwrite-4k-qd1", 2): (0.6, 0.9),  # per round: sqrt(0.54) = 0.73
+    ("randread-4k-qd32", 1): (0.95, 0.95),
+    ("randwrite-4k-qd32", 1): (0.95, 0.95),
+    ("randread-4k-qd32", 2): (1.1, 1.1),
+    ("randwrite-4k-qd32", 2): (0.99, 0.99),
+}
+
+
+def test_loop_paired_judges_the_best_worker_count_inside_the_rounds(tmp_path: Path) -> None:
+    raw = _loop_paired_raw("6.12.117+deb13-amd64", LOOP_PAIRED_RATIOS)
+    qd1, qd32 = report.loop_paired(raw)
+    assert qd1["target"] == "4k QD1" and qd1["least"] == 0.7
+    assert qd1["workers"] == {1: pytest.approx(0.6), 2: pytest.approx(0.5400**0.5), 4: None}
+    assert qd1["best"] == 2 and qd1["holds"] is True
+    assert qd32["workers"][2] == pytest.approx(0.99) and qd32["best"] == 2
+    assert qd32["least"] == 1.0 and qd32["holds"] is False
+    rows = report.rows_from_raw(raw)
+    for text in (report.markdown(raw, rows), report.readme_block(raw, rows, "stem")):
+        assert "## Against loop, side by side" in text
+        line = next(line for line in text.splitlines() if line.startswith("| 4k QD1 ("))
+        assert line.endswith("| 0.60x | 0.73x | - | 2w | 0.7x | yes |")
+    (tmp_path / "raw.json").write_text(json.dumps(raw))
+    assert report.main([str(tmp_path), "--results", str(tmp_path / "out")]) == 0
+    document = json.loads(next((tmp_path / "out").glob("*.json")).read_text())
+    assert [entry["holds"] for entry in document["loop_paired"]] == [True, False]
+
+
+def test_loop_paired_judges_qd32_against_loop_on_6_12_only() -> None:
+    raw = _loop_paired_raw("6.1.0-57-amd64", LOOP_PAIRED_RATIOS)
+    assert [entry["target"] for entry in report.loop_paired(raw)] == ["4k QD1"]
+    raw["side_by_side"].remove("scale-loop")  # loop ran on its own: no rounds to pair with
+    assert report.loop_paired(raw) == []
+
+
+def test_every_job_judged_against_loop_runs_in_the_rounds() -> None:
+    judged = {job for _, jobs, _, _ in report.LOOP_PAIRED for job in jobs}
+    assert judged <= {job.name for job in SCALE_JOBS}
 
 
 def test_slow_backend_delay_matches_the_jobs() -> None:
