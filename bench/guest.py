@@ -15,7 +15,8 @@ Besides the main targets, three groups of runs: ``scaling`` (memory
 disks with 1, 2 and 4 workers, and loop, by queue depth and on the
 worker-scaling jobs), ``batching`` (one worker, by requests per GET) and
 ``slow`` (a backend that sleeps 5 ms per request, bench/slow_backend.py,
-with 1, 4 and 16 workers at QD32).  ``ceph``, only when asked for (its
+with 1, 4 and 16 workers at QD32, then as many bare processes that only
+sleep 5 ms: bench/sleep_ceiling.py).  ``ceph``, only when asked for (its
 cluster takes minutes to start under TCG): one single-node cluster
 (scripts/ceph-cluster), one 256 MiB image per target, written once, then
 abuse ``rbd:`` with 1 and 4 workers (and 4 at queue_depth=1, one librbd
@@ -48,10 +49,12 @@ from bench.jobs import (
     JOBS,
     SCALE_JOBS,
     SCALE_WORKERS,
+    SLOW_DELAY_S,
     SLOW_JOB,
     SLOW_WORKERS,
     Job,
 )
+from bench.sleep_ceiling import sleeps_per_second
 
 ROOT = Path(__file__).resolve().parents[1]
 TMPFS = Path("/tmp/bench-tmpfs")
@@ -395,6 +398,10 @@ def main(argv: list[str] | None = None) -> int:
             for workers in SLOW_WORKERS:
                 factory = lambda w=workers: abuse_disk(args.size, SLOW_BACKEND, w, args.batch)  # noqa: E731
                 failed += _measure(result, f"slow-{workers}w", factory, [SLOW_JOB], args.runtime, False)
+            ceiling = result["sleep_ceiling"] = {}
+            for workers in SLOW_WORKERS:
+                ceiling[str(workers)] = rate = sleeps_per_second(workers, args.runtime, SLOW_DELAY_S)
+                print(f"bench:   {workers} bare sleepers {rate:10.0f} sleeps/s", flush=True)
         if "ceph" in groups:
             with ceph_cluster() as conf:
                 for name, factory in ceph_targets(conf, args.batch).items():

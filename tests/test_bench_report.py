@@ -264,13 +264,37 @@ def test_slow_table_in_markdown_json_and_readme(tmp_path: Path) -> None:
     rows = report.rows_from_raw(raw)
     for text in (report.markdown(raw, rows), report.readme_block(raw, rows, "stem")):
         assert "## A backend that sleeps 5 ms per request" in text
-        assert "| 16 | 2,900 | 5.2 | 3,200 | 0.91x | 14.87x | yes |" in text
+        assert "| 16 | 2,900 | 5.2 | 3,200 | 0.91x | 14.87x | - | - | yes |" in text
     raw_dir = tmp_path / "raw"
     raw_dir.mkdir()
     (raw_dir / "raw.json").write_text(json.dumps(raw))
     assert report.main([str(raw_dir), "--results", str(tmp_path / "results")]) == 0
     (document,) = [json.loads(p.read_text()) for p in (tmp_path / "results").glob("*.json")]
     assert [e["workers"] for e in document["slow_backend"]] == [1, 4, 16]
+
+
+def test_slow_backend_beside_as_many_bare_sleepers(tmp_path: Path) -> None:
+    raw = _slow_raw({1: 165.0, 16: 2376.0})
+    raw["sleep_ceiling"] = {"1": 160.0, "4": 644.0, "16": 2267.0}
+    one, sixteen = report.slow_backend(report.rows_from_raw(raw), raw["sleep_ceiling"])
+    assert sixteen["sleepers"] == 2267.0 and sixteen["vs_sleepers"] == pytest.approx(2376.0 / 2267.0)
+    assert sixteen["holds"] is False  # 0.74 of the ideal: the ceiling is shown, never judged
+    assert "| 16 | 2,376 | 5.2 | 3,200 | 0.74x | 14.40x | 2,267 | 1.05x | no |" in report.markdown(
+        raw, report.rows_from_raw(raw)
+    )
+    (tmp_path / "raw.json").write_text(json.dumps(raw))
+    assert report.main([str(tmp_path), "--results", str(tmp_path / "out")]) == 0
+    document = json.loads(next((tmp_path / "out").glob("*.json")).read_text())
+    assert document["slow_backend"][1]["vs_sleepers"] == pytest.approx(2376.0 / 2267.0)
+
+
+def test_bare_sleepers_never_beat_the_ideal() -> None:
+    from bench.sleep_ceiling import sleeps_per_second
+
+    rate = sleeps_per_second(2, 0.2, SLOW_DELAY_S)
+    assert 0 < rate <= 2 / SLOW_DELAY_S  # each sleep takes at least its delay
+    with pytest.raises(ValueError, match="bad processes 0"):
+        sleeps_per_second(0, 0.2, SLOW_DELAY_S)
 
 
 def _scaling_raw(scales: dict[int, dict[str, float]]) -> dict[str, Any]:
