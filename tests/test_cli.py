@@ -252,6 +252,9 @@ def test_help(capsys: pytest.CaptureFixture[str], verb: str) -> None:
         (["serve", "0", "-b", "memory", "-w", "1", "--pidfile"], "--pidfile: expected one argument"),
         (["serve", "0", "-b", "memory", "-w", "1", "--run"], "--run: expected one argument"),
         (["serve", "0", "-b", "memory", "-w", "x"], "invalid count 'x'"),
+        (["serve", "0", "-b", "memory", "-w", "1", "--start-timeout", "-5"], "invalid time '-5'"),
+        (["serve", "0", "-b", "memory", "-w", "1", "--start-timeout", "inf"], "invalid time 'inf'"),
+        (["serve", "0", "-b", "memory", "-w", "1", "--start-timeout", "soon"], "invalid time 'soon'"),
         (["status", "--bogus"], "unrecognized arguments: --bogus"),
         (["features", "extra"], "unrecognized arguments: extra"),
     ],
@@ -525,6 +528,17 @@ def test_serve(capsys: pytest.CaptureFixture[str], control: FakeControl, pool: t
     assert made.backend_size_at_run == 512 << 20
     assert made.ran == {"tick": 1.0}
     assert made.backend.fd == -1, "backend closed after the pool returned"
+    assert made.kwargs["start_timeout"] is None  # the pool's own default
+
+
+@pytest.mark.parametrize(("given", "timeout"), [("120", 120.0), ("0.5", 0.5), ("0", 0.0)])
+def test_serve_start_timeout_reaches_the_pool(
+    capsys: pytest.CaptureFixture[str], control: FakeControl, pool: type[FakePool], given: str, timeout: float
+) -> None:
+    code, _, _ = run(capsys, "serve", "3", "-b", "memory", "-w", "2", "--start-timeout", given)
+    assert code == 0
+    (made,) = pool.made
+    assert made.kwargs["start_timeout"] == timeout
 
 
 def test_serve_file_in_a_missing_directory(

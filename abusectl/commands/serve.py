@@ -101,6 +101,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"requests per GET, at most {uapi.ABUSE_MAX_BATCH} (default 64)",
     )
     parser.add_argument(
+        "--start-timeout",
+        type=types.seconds,
+        metavar="SECONDS",
+        help="restart a worker that has not attached this long after its start, as one that hangs "
+        "(default: 4 times the liveness timeout, half the disk's timeout, and at least 60; 0 = wait forever)",
+    )
+    parser.add_argument(
         "-p", "--pidfile", type=Path, metavar="FILE", help="write the supervisor's pid to FILE while serving"
     )
     parser.add_argument(
@@ -297,7 +304,14 @@ def _serve(
     # Imported here: only serving needs psutil and the process machinery.
     from abuse.pool import Pool
 
-    pool = Pool(config.index, backend, workers=args.workers, batch=args.batch, credentials=credentials)
+    pool = Pool(
+        config.index,
+        backend,
+        workers=args.workers,
+        batch=args.batch,
+        start_timeout=args.start_timeout,
+        credentials=credentials,
+    )
     status = (
         StatusLine(control, config, sys.stdout) if sys.stdout.isatty() and args.run_command is None else None
     )
