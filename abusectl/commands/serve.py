@@ -105,7 +105,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=types.seconds,
         metavar="SECONDS",
         help="restart a worker that has not attached this long after its start, as one that hangs "
-        "(default: 4 times the liveness timeout, half the disk's timeout, and at least 60; 0 = wait forever)",
+        "(default: twice the disk's timeout, at least 60, none on a disk without one; 0 = wait forever)",
     )
     parser.add_argument(
         "-p", "--pidfile", type=Path, metavar="FILE", help="write the supervisor's pid to FILE while serving"
