@@ -219,18 +219,23 @@ def ceph(rows: list[Row]) -> list[dict[str, Any]]:
     return out
 
 
+def _section(title: str, columns: list[str], intro: str | None = None) -> list[str]:
+    """A report section's heading, its optional intro and its table's head."""
+    lines = ["", f"## {title}", ""]
+    if intro is not None:
+        lines += [intro, ""]
+    return lines + ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+
+
 def _ceph_table(rows: list[Row]) -> list[str]:
     entries = ceph(rows)
     if not entries:
         return []
     targets = list(entries[0]["targets"])
-    lines = [
-        "",
-        "## Ceph RBD: abuse rbd: vs rbd-nbd vs krbd, one single-node cluster (memstore OSD)",
-        "",
-        "| job | unit | " + " | ".join(f"{t.removeprefix('ceph-')} | vs krbd" for t in targets) + " |",
-        "|---|---|" + "---|---|" * len(targets),
-    ]
+    lines = _section(
+        "Ceph RBD: abuse rbd: vs rbd-nbd vs krbd, one single-node cluster (memstore OSD)",
+        ["job", "unit", *[cell for t in targets for cell in (t.removeprefix("ceph-"), "vs krbd")]],
+    )
     for entry in entries:
         cells = " | ".join(
             f"{_fmt(entry['targets'][t]['value'], 1)} | {_x(entry['targets'][t]['vs_krbd'])}" for t in targets
@@ -607,19 +612,18 @@ def _file_table(rows: list[Row]) -> list[str]:
     entries = file_vs_memory(rows)
     if not entries:
         return []
-    lines = [
-        "",
-        f"## File backend on tmpfs: in place ({FILE_IN_PLACE}) and by copy ({FILE_COPY}) "
+    lines = _section(
+        f"File backend on tmpfs: in place ({FILE_IN_PLACE}) and by copy ({FILE_COPY}) "
         f"vs memory ({MEMORY_1W})",
-        "",
+        [
+            "target",
+            *[cell for label, _ in SUMMARY_COLUMNS for cell in (label, "vs memory", "worse of r/w")],
+            "in place vs copy (4k QD32, 1M)",
+            "holds",
+        ],
         f"Ratios to {MEMORY_1W}: of the means of read and write, then the worse of the two; "
         f"the in-place target must reach {FILE_LEAST}x (the worse) at {' and '.join(FILE_JUDGED)}.",
-        "",
-        "| target | "
-        + " | ".join(f"{label} | vs memory | worse of r/w" for label, _ in SUMMARY_COLUMNS)
-        + " | in place vs copy (4k QD32, 1M) | holds |",
-        "|---|" + "---|---|---|" * len(SUMMARY_COLUMNS) + "---|---|",
-    ]
+    )
     for entry in entries:
         cells = []
         for label, _ in SUMMARY_COLUMNS:
@@ -638,13 +642,10 @@ def _rounds_table(raw: dict[str, Any]) -> list[str]:
     ranges = spread(raw)
     if not ranges:
         return []
-    lines = [
-        "",
-        "## Rounds: jobs run in interleaved rounds (every table above shows the median)",
-        "",
-        "| target | job | rounds | lowest | highest | highest / lowest |",
-        "|---|---|---|---|---|---|",
-    ]
+    lines = _section(
+        "Rounds: jobs run in interleaved rounds (every table above shows the median)",
+        ["target", "job", "rounds", "lowest", "highest", "highest / lowest"],
+    )
     for (target, job), (low, high, count) in ranges.items():
         lines.append(f"| {target} | {job} | {count} | {_fmt(low)} | {_fmt(high)} | {_x(_ratio(high, low))} |")
     return lines
@@ -655,17 +656,20 @@ def _worker_scaling_table(raw: dict[str, Any], rows: list[Row]) -> list[str]:
     if not entries:
         return []
     more = [w for w in SCALE_WORKERS if w != 1]
-    lines = [
-        "",
-        "## Worker scaling: memory backend, by workers, ratio to 1 worker",
-        "",
+    lines = _section(
+        "Worker scaling: memory backend, by workers, ratio to 1 worker",
+        [
+            "job",
+            "unit",
+            "1w",
+            *[cell for w in more for cell in (f"{w}w", "vs 1w", "per round")],
+            "least",
+            "holds",
+        ],
         f"Each worker count must reach {SCALING_LEAST_4K}x of 1 worker at 4k and {SCALING_LEAST_SEQ}x at 1M"
         " (vs 1w: the ratio of the medians, which is judged; per round: the geometric mean of the ratios"
         " inside each round, where the rig's drift cancels out).",
-        "",
-        "| job | unit | 1w | " + " | ".join(f"{w}w | vs 1w | per round" for w in more) + " | least | holds |",
-        "|---|---|---|" + "---|---|---|" * len(more) + "---|---|",
-    ]
+    )
     for entry in entries:
         cells = (
             _fmt(entry["workers"][1]["value"])
@@ -684,16 +688,12 @@ def _loop_paired_table(raw: dict[str, Any]) -> list[str]:
     entries = loop_paired(raw)
     if not entries:
         return []
-    lines = [
-        "",
-        "## Against loop, side by side: memory backend by workers, ratio to loop in the same round",
-        "",
+    lines = _section(
+        "Against loop, side by side: memory backend by workers, ratio to loop in the same round",
+        ["target", *[f"{w}w" for w in SCALE_WORKERS], "best", "least", "holds"],
         "loop ran in the worker-scaling rounds; each cell is the worse of read and write of the geometric"
         " mean of the ratios inside each round. The best worker count must reach the least.",
-        "",
-        "| target | " + " | ".join(f"{w}w" for w in SCALE_WORKERS) + " | best | least | holds |",
-        "|---|" + "---|" * len(SCALE_WORKERS) + "---|---|---|",
-    ]
+    )
     for entry in entries:
         cells = " | ".join(_x(entry["workers"][w]) for w in SCALE_WORKERS)
         lines.append(
@@ -708,18 +708,23 @@ def _slow_table(raw: dict[str, Any], rows: list[Row]) -> list[str]:
     if not entries:
         return []
     ms = SLOW_DELAY_S * 1e3
-    lines = [
-        "",
-        f"## A backend that sleeps {ms:g} ms per request: {SLOW_JOB.name}, by workers",
-        "",
+    lines = _section(
+        f"A backend that sleeps {ms:g} ms per request: {SLOW_JOB.name}, by workers",
+        [
+            "workers",
+            "IOPS",
+            "p50 ms",
+            "ideal IOPS",
+            "vs ideal",
+            "vs 1w",
+            "bare sleepers /s",
+            "vs sleepers",
+            "holds",
+        ],
         f"Ideal: min(workers, QD{SLOW_JOB.queue_depth}) requests per {ms:g} ms. The most workers must reach "
         f"{SLOW_LEAST_IDEAL}x of the ideal and {SLOW_LEAST_VS_1W:g}x of 1 worker. Bare sleepers: as many"
         f" processes that only sleep {ms:g} ms, in the same boot (this rig's ceiling; not judged).",
-        "",
-        "| workers | IOPS | p50 ms | ideal IOPS | vs ideal | vs 1w | bare sleepers /s | vs sleepers"
-        " | holds |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
+    )
     for entry in entries:
         lines.append(
             f"| {entry['workers']} | {_fmt(entry['iops'])} | {_fmt(entry['p50_ms'], 1)} | "
