@@ -353,8 +353,9 @@ def test_per_round_ratios_pair_each_round_with_one_workers_same_round(tmp_path: 
         ("randread-4k-qd32", 2): pytest.approx((0.9 * 0.9 * 0.3) ** (1 / 3))
     }
     entry = report.worker_scaling(report.rows_from_raw(raw), report.per_round_ratios(raw))[0]
-    assert entry["workers"][2]["vs_1w"] == pytest.approx(0.6)  # the medians: 1.2 against 2.0, judged
+    assert entry["workers"][2]["vs_1w"] == pytest.approx(0.6)  # the medians: 1.2 against 2.0, shown
     assert entry["workers"][2]["per_round_vs_1w"] == pytest.approx(0.624, abs=1e-3)
+    assert entry["workers"][2]["judged"] == pytest.approx(0.624, abs=1e-3)
     assert entry["holds"] is False
     line = next(
         line
@@ -366,6 +367,24 @@ def test_per_round_ratios_pair_each_round_with_one_workers_same_round(tmp_path: 
     assert report.main([str(tmp_path), "--results", str(tmp_path / "out")]) == 0
     document = json.loads(next((tmp_path / "out").glob("*.json")).read_text())
     assert document["worker_scaling"][0]["workers"]["2"]["per_round_vs_1w"] == pytest.approx(0.624, abs=1e-3)
+
+
+def test_worker_scaling_judges_the_ratios_inside_the_rounds_not_the_medians() -> None:
+    raw = raw_result({"loop": 1.0}, scaling=False)
+    # The rig runs at 1x, 2x and 3x in three rounds; 2 workers reach 1.5x,
+    # 0.8x and 0.8x of one worker in them (0.99x on the whole), but their
+    # median (1.6) and one worker's (2.0) come from different rounds: 0.8x.
+    for one, two in ((1.0, 1.5), (2.0, 1.6), (3.0, 2.4)):
+        raw["runs"] += [
+            _run("scale-abuse-mem-1w", "randread-4k-qd32", one),
+            _run("scale-abuse-mem-2w", "randread-4k-qd32", two),
+        ]
+    entry = report.worker_scaling(report.rows_from_raw(raw), report.per_round_ratios(raw))[0]
+    assert entry["workers"][2]["vs_1w"] == pytest.approx(0.8)
+    assert entry["workers"][2]["judged"] == pytest.approx((1.5 * 0.8 * 0.8) ** (1 / 3))
+    assert entry["holds"] is True
+    # Without the rounds (a raw from before them), the medians are judged.
+    assert report.worker_scaling(report.rows_from_raw(raw))[0]["holds"] is False
 
 
 def _loop_paired_raw(kernel: str, ratios: dict[tuple[str, int], tuple[float, float]]) -> dict[str, Any]:
