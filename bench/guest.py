@@ -202,12 +202,28 @@ def fio(device: Device, job: Job, runtime: int) -> dict[str, Any]:
     ]
     server_before = device.server_cpu()
     busy_before = _busy_cpu()
+    dispatch_before = dispatch_counters(device.path)
     out = run(cmd)
-    return {
+    measured = {
         "fio": json.loads(out[out.index("{") :]),
         "server_cpu_s": device.server_cpu() - server_before if device.servers else None,
         "guest_busy_cpu_s": _busy_cpu() - busy_before,
     }
+    dispatch_after = dispatch_counters(device.path)
+    if dispatch_before is not None and dispatch_after is not None:
+        measured["dispatch"] = {
+            name: dispatch_after[name] - dispatch_before.get(name, 0) for name in dispatch_after
+        }
+    return measured
+
+
+def dispatch_counters(path: str) -> dict[str, int] | None:
+    """An abuse disk's dispatch counters (its sysfs ``abuse/dispatch``); None for other disks."""
+    try:
+        text = (Path("/sys/block") / Path(path).name / "abuse" / "dispatch").read_text()
+    except OSError:
+        return None
+    return {name: int(value) for name, value in (line.split() for line in text.splitlines())}
 
 
 def prefill(device: Device) -> None:

@@ -32,6 +32,7 @@ from bench.jobs import (
 __all__ = [
     "Row",
     "batching",
+    "dispatch",
     "file_vs_memory",
     "loop_paired",
     "main",
@@ -585,6 +586,7 @@ def markdown(raw: dict[str, Any], rows: list[Row], images: tuple[str, str] | Non
             lines += ["", f"![scaling]({images[1]})"]
     lines += _worker_scaling_table(raw, rows)
     lines += _loop_paired_table(raw)
+    lines += _dispatch_table(raw)
     lines += _rounds_table(raw)
     lines += _slow_table(raw, rows)
     lines += _ceph_table(rows)
@@ -638,6 +640,69 @@ def _file_table(rows: list[Row]) -> list[str]:
         if any("holds" in cell for cell in judged):
             holds = "yes" if all(cell.get("holds") for cell in judged) else "no"
         lines.append(f"| {entry['target']} | " + " | ".join(cells) + f" | {vs_copy} | {holds} |")
+    return lines
+
+
+# (column, the driver's dispatch counters it adds up) of the dispatch table.
+DISPATCH_COLUMNS = [
+    ("wake-ups", ("wake_now", "wake_lazy", "wake_passed")),
+    ("sleeps", ("sleeps",)),
+    ("polls", ("polls",)),
+    ("poll hits", ("poll_hits",)),
+    ("deferred", ("deferred",)),
+    ("GETs with a batch", ("batches",)),
+]
+
+
+def dispatch(raw: dict[str, Any]) -> list[dict[str, Any]]:
+    """What the driver did in the worker-scaling runs, per 1,000 requests.
+
+    Per worker-scaling disk and 4k job, the median over the rounds of the
+    counters of each DISPATCH_COLUMNS column (the disk's sysfs
+    abuse/dispatch, read before and after each run by bench.guest).
+    wake-ups counts the lazy ones asked for, some of which find nobody
+    asleep.  Empty for a raw from before the counters were recorded.
+    """
+    per_run: dict[tuple[str, str], list[dict[str, float]]] = {}
+    for run in raw["runs"]:
+        counters = run.get("dispatch")
+        if not counters or not run["target"].startswith(SCALE_PREFIX) or "-4k-" not in run["job"]:
+            continue
+        job = run["fio"]["jobs"][0]
+        ios = sum(job[side]["total_ios"] for side in ("read", "write"))
+        if not ios:
+            continue
+        per_run.setdefault((run["target"], run["job"]), []).append(
+            {
+                label: 1000 * sum(counters.get(name, 0) for name in names) / ios
+                for label, names in DISPATCH_COLUMNS
+            }
+        )
+    return [
+        {
+            "target": target,
+            "job": job,
+            "rounds": len(runs),
+            **{label: statistics.median(r[label] for r in runs) for label, _ in DISPATCH_COLUMNS},
+        }
+        for (target, job), runs in per_run.items()
+    ]
+
+
+def _dispatch_table(raw: dict[str, Any]) -> list[str]:
+    entries = dispatch(raw)
+    if not entries:
+        return []
+    labels = [label for label, _ in DISPATCH_COLUMNS]
+    lines = _section(
+        "Driver dispatch in the worker-scaling runs, per 1,000 requests (median over the rounds)",
+        ["target", "job", *labels],
+        "From each disk's /sys/block/abuseN/abuse/dispatch counters, read before and after each run."
+        " wake-ups counts lazy ones asked for, some of which find nobody asleep.",
+    )
+    for entry in entries:
+        cells = " | ".join(_fmt(entry[label], 1) for label in labels)
+        lines.append(f"| {entry['target']} | {entry['job']} | {cells} |")
     return lines
 
 
@@ -850,6 +915,7 @@ def main(argv: list[str] | None = None) -> int:
         "scaling": scaling(rows),
         "worker_scaling": worker_scaling(rows, per_round_ratios(raw)),
         "loop_paired": loop_paired(raw),
+        "dispatch": dispatch(raw),
         "file_vs_memory": file_vs_memory(rows),
         "slow_backend": slow_backend(rows, raw.get("sleep_ceiling")),
         "batching": batching(rows),

@@ -387,6 +387,49 @@ def test_worker_scaling_judges_the_ratios_inside_the_rounds_not_the_medians() ->
     assert report.worker_scaling(report.rows_from_raw(raw))[0]["holds"] is False
 
 
+def test_dispatch_counts_what_the_driver_did_per_thousand_requests(tmp_path: Path) -> None:
+    raw = raw_result({"loop": 1.0}, scaling=False)
+    ios = fio_output("randread-4k-qd32", 1.0)["jobs"][0]["read"]["total_ios"]
+    # Three rounds of the 2-worker disk: its counters per run, each scaled to the run's requests.
+    for wakes, sleeps in ((0.010, 0.020), (0.030, 0.040), (0.020, 0.030)):
+        run = _run("scale-abuse-mem-2w", "randread-4k-qd32", 1.0)
+        run["dispatch"] = {
+            "wake_now": round(wakes * ios / 2),
+            "wake_lazy": round(wakes * ios / 2),
+            "sleeps": round(sleeps * ios),
+            "batches": ios // 10,
+        }
+        raw["runs"].append(run)
+    one = _run("scale-abuse-mem-1w", "seqread-1M-qd4", 1.0)
+    one["dispatch"] = {"sleeps": 5}
+    raw["runs"] += [one, _run("scale-loop", "randread-4k-qd32", 1.0)]  # 1M and loop: not in the table
+    entries = report.dispatch(raw)
+    assert [(e["target"], e["job"], e["rounds"]) for e in entries] == [
+        ("scale-abuse-mem-2w", "randread-4k-qd32", 3)
+    ]
+    assert entries[0]["wake-ups"] == pytest.approx(20.0, abs=0.1)  # the median of 10, 30 and 20 per 1,000
+    assert entries[0]["sleeps"] == pytest.approx(30.0, abs=0.1)
+    assert entries[0]["GETs with a batch"] == pytest.approx(100.0, abs=0.1)
+    assert entries[0]["polls"] == 0
+    text = report.markdown(raw, report.rows_from_raw(raw))
+    assert "## Driver dispatch in the worker-scaling runs, per 1,000 requests" in text
+    assert "| scale-abuse-mem-2w | randread-4k-qd32 | 20.0 | 30.0 | 0.0 | 0.0 | 0.0 | 100.0 |" in text
+    (tmp_path / "raw.json").write_text(json.dumps(raw))
+    assert report.main([str(tmp_path), "--results", str(tmp_path / "out")]) == 0
+    document = json.loads(next((tmp_path / "out").glob("*.json")).read_text())
+    assert document["dispatch"][0]["sleeps"] == pytest.approx(30.0, abs=0.1)
+    # A raw from before the counters: no table.
+    assert "Driver dispatch" not in report.markdown(
+        raw_result({"loop": 1.0}), report.rows_from_raw(raw_result({"loop": 1.0}))
+    )
+
+
+def test_dispatch_counters_are_none_for_a_disk_that_is_not_abuse() -> None:
+    from bench.guest import dispatch_counters
+
+    assert dispatch_counters("/dev/no-such-disk") is None
+
+
 def _loop_paired_raw(kernel: str, ratios: dict[tuple[str, int], tuple[float, float]]) -> dict[str, Any]:
     """Two rounds in which the rig runs 3x faster in the second; ``ratios`` gives
     each (job, workers) its ratio to loop in each round."""
