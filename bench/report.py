@@ -526,8 +526,9 @@ def batching(rows: list[Row]) -> dict[int, dict[str, float | None]]:
 def _load(meta: dict[str, Any]) -> str:
     before = meta.get("host_load_before") or "?"
     after = meta.get("host_load_after") or "?"
-    # The guest's two emulated CPUs alone hold the host's load near 2 while it
-    # runs: "after" is about 2 on an idle host; "before" tells whether it was.
+    # The guest's two emulated CPUs alone hold the host's load near 2 while
+    # they are busy, so "after" says little; "before" tells whether the host
+    # was idle.
     return f"host loadavg before `{before}`, after `{after}` (the guest's own vCPUs count in it)"
 
 
