@@ -416,7 +416,11 @@ def main(argv: list[str] | None = None) -> int:
                 failed += _measure(result, f"slow-{workers}w", factory, [SLOW_JOB], args.runtime, False)
             ceiling = result["sleep_ceiling"] = {}
             for workers in SLOW_WORKERS:
-                ceiling[str(workers)] = rate = sleeps_per_second(workers, args.runtime, SLOW_DELAY_S)
+                try:
+                    ceiling[str(workers)] = rate = sleeps_per_second(workers, args.runtime, SLOW_DELAY_S)
+                except Exception as err:  # the ceiling is context: it must not cost the groups after it
+                    failed += _failed(result, f"sleepers-{workers}", err)
+                    continue
                 print(f"bench:   {workers} bare sleepers {rate:10.0f} sleeps/s", flush=True)
         if "ceph" in groups:
             with ceph_cluster() as conf:

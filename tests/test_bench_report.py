@@ -297,6 +297,16 @@ def test_bare_sleepers_never_beat_the_ideal() -> None:
         sleeps_per_second(0, 0.2, SLOW_DELAY_S)
 
 
+def test_a_sleeper_that_never_reports_is_an_error_not_a_hang(monkeypatch: pytest.MonkeyPatch) -> None:
+    from bench import sleep_ceiling
+
+    # Forked after the patch, the sleepers return without reporting (as one that died would).
+    monkeypatch.setattr(sleep_ceiling, "_sleep_until", lambda deadline, delay, counts: None)
+    monkeypatch.setattr(sleep_ceiling, "REPORT_GRACE_S", 0.5)
+    with pytest.raises(RuntimeError, match="a sleeper did not report within 0.5 s of its deadline"):
+        sleep_ceiling.sleeps_per_second(2, 0.1, SLOW_DELAY_S)
+
+
 def _scaling_raw(scales: dict[int, dict[str, float]]) -> dict[str, Any]:
     raw = raw_result({"loop": 1.0}, scaling=False)
     for workers, by_job in scales.items():
