@@ -22,6 +22,7 @@ from typing import Any
 from bench.jobs import (
     BATCH_JOBS,
     JOBS,
+    SCALE_JOBS,
     SCALE_QUEUE_DEPTHS,
     SCALE_WORKERS,
     SLOW_DELAY_S,
@@ -666,10 +667,11 @@ def dispatch(raw: dict[str, Any]) -> list[dict[str, Any]]:
     wake-ups counts the lazy ones asked for, some of which find nobody
     asleep.  Empty for a raw from before the counters were recorded.
     """
+    small = {job.name for job in SCALE_JOBS if not job.sequential}
     per_run: dict[tuple[str, str], list[dict[str, float]]] = {}
     for run in raw["runs"]:
         counters = run.get("dispatch")
-        if not counters or not run["target"].startswith(SCALE_PREFIX) or "-4k-" not in run["job"]:
+        if not counters or not run["target"].startswith(SCALE_PREFIX) or run["job"] not in small:
             continue
         job = run["fio"]["jobs"][0]
         ios = sum(job[side]["total_ios"] for side in ("read", "write"))

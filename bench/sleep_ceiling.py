@@ -42,14 +42,16 @@ def sleeps_per_second(processes: int, seconds: float, delay: float) -> float:
     ]
     for child in children:
         child.start()
+    deadline = start + seconds + REPORT_GRACE_S
     try:
-        total = sum(counts.get(timeout=start + seconds + REPORT_GRACE_S - time.monotonic()) for _ in children)
+        total = sum(counts.get(timeout=max(0.0, deadline - time.monotonic())) for _ in children)
+        elapsed = time.monotonic() - start
     except queue.Empty:
         raise RuntimeError(
             f"sleeps_per_second: a sleeper did not report within {REPORT_GRACE_S:g} s of its deadline"
         ) from None
     finally:
-        elapsed = time.monotonic() - start
+        # Reported or lost, none may outlive the measure.
         for child in children:
             child.join(timeout=1)
             if child.is_alive():
