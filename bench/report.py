@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 import statistics
 import sys
@@ -38,6 +39,7 @@ __all__ = [
     "loop_paired",
     "main",
     "markdown",
+    "per_round_intervals",
     "per_round_ratios",
     "rows_from_raw",
     "slow_backend",
@@ -268,6 +270,10 @@ def _x(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}x"
 
 
+def _interval(bounds: tuple[float, float] | None) -> str:
+    return "" if bounds is None else f" ({bounds[0]:.2f}-{bounds[1]:.2f})"
+
+
 def _targets(rows: list[Row]) -> list[str]:
     seen: list[str] = []
     for row in rows:
@@ -392,6 +398,20 @@ def slow_backend(rows: list[Row], ceiling: dict[str, float] | None = None) -> li
     return out
 
 
+def _round_pairs(raw: dict[str, Any], base: str) -> dict[tuple[str, int], list[float]]:
+    """(job, workers) -> the worker-scaling disk's figure against ``base``'s, round by round."""
+    runs = _runs(raw)
+    out = {}
+    for (target, job), own in runs.items():
+        if not target.startswith(SCALE_PREFIX) or target == base:
+            continue
+        theirs = runs.get((base, job), [])
+        pairs = [a.figure / b.figure for a, b in zip(own, theirs) if a.figure > 0 and b.figure > 0]
+        if pairs:
+            out[(job, int(target.removeprefix(SCALE_PREFIX).removesuffix("w")))] = pairs
+    return out
+
+
 def per_round_ratios(raw: dict[str, Any], base: str = SCALE_ONE) -> dict[tuple[str, int], float]:
     """(job, workers) -> the geometric mean, over the rounds, of the
     worker-scaling disk's figure against ``base``'s (1 worker, or
@@ -404,21 +424,35 @@ def per_round_ratios(raw: dict[str, Any], base: str = SCALE_ONE) -> dict[tuple[s
     medians can take them from different minutes.  A disk that fails is
     dropped from then on, so its runs still pair with the same rounds.
     """
-    runs = _runs(raw)
+    return {key: statistics.geometric_mean(pairs) for key, pairs in _round_pairs(raw, base).items()}
+
+
+def per_round_intervals(
+    raw: dict[str, Any], base: str = SCALE_ONE
+) -> dict[tuple[str, int], tuple[float, float]]:
+    """(job, workers) -> the per-round ratio's geometric mean divided and
+    multiplied by its geometric standard error twice over: about a 95%
+    interval, which says how far the rig's noise alone could carry it.
+
+    Single rounds of one job span 0.6-1.5x under TCG, so a 7-round ratio
+    of 0.88x can come from a disk that is at 0.93x.  Only shown, never
+    judged: the targets are the ratios themselves.  Needs 2 rounds.
+    """
     out = {}
-    for (target, job), own in runs.items():
-        if not target.startswith(SCALE_PREFIX) or target == base:
+    for key, pairs in _round_pairs(raw, base).items():
+        if len(pairs) < 2:
             continue
-        theirs = runs.get((base, job), [])
-        pairs = [a.figure / b.figure for a, b in zip(own, theirs) if a.figure > 0 and b.figure > 0]
-        if pairs:
-            workers = int(target.removeprefix(SCALE_PREFIX).removesuffix("w"))
-            out[(job, workers)] = statistics.geometric_mean(pairs)
+        logs = [math.log(pair) for pair in pairs]
+        spread = math.exp(2 * statistics.stdev(logs) / math.sqrt(len(logs)))
+        mean = math.exp(statistics.fmean(logs))
+        out[key] = (mean / spread, mean * spread)
     return out
 
 
 def worker_scaling(
-    rows: list[Row], per_round: dict[tuple[str, int], float] | None = None
+    rows: list[Row],
+    per_round: dict[tuple[str, int], float] | None = None,
+    intervals: dict[tuple[str, int], tuple[float, float]] | None = None,
 ) -> list[dict[str, Any]]:
     """Memory workers 1, 2, 4 on the worker-scaling jobs, each against 1 worker.
 
@@ -427,7 +461,8 @@ def worker_scaling(
     one worker's figure.  Judged is each count's ratio inside the rounds
     (``per_round``, per_round_ratios), where the rig's drift cancels out,
     as loop_paired judges; the ratio of the medians only where there is
-    none (a raw without rounds).  Both are shown.
+    none (a raw without rounds).  Both are shown, and the per-round
+    ratio's interval (``intervals``, per_round_intervals) beside it.
     """
     figures: dict[str, dict[int, float]] = {}
     for row in rows:
@@ -441,11 +476,12 @@ def worker_scaling(
             continue
         one = by_workers.get(1)
         least = SCALING_LEAST_SEQ if job.sequential else SCALING_LEAST_4K
-        cells = {
+        cells: dict[int, dict[str, Any]] = {
             w: {
                 "value": by_workers.get(w),
                 "vs_1w": _ratio(by_workers.get(w), one),
                 "per_round_vs_1w": (per_round or {}).get((job.name, w)),
+                "per_round_interval": (intervals or {}).get((job.name, w)),
             }
             for w in SCALE_WORKERS
         }
@@ -725,7 +761,7 @@ def _rounds_table(raw: dict[str, Any]) -> list[str]:
 
 
 def _worker_scaling_table(raw: dict[str, Any], rows: list[Row]) -> list[str]:
-    entries = worker_scaling(rows, per_round_ratios(raw))
+    entries = worker_scaling(rows, per_round_ratios(raw), per_round_intervals(raw))
     if not entries:
         return []
     more = [w for w in SCALE_WORKERS if w != 1]
@@ -741,8 +777,9 @@ def _worker_scaling_table(raw: dict[str, Any], rows: list[Row]) -> list[str]:
         ],
         f"Each worker count must reach {SCALING_LEAST_4K}x of 1 worker at 4k and {SCALING_LEAST_SEQ}x at 1M"
         " (per round: the geometric mean of the ratios inside each round, where the rig's drift cancels out,"
-        " which is judged; vs 1w: the ratio of the medians, which can take two disks' figures from different"
-        " minutes of the rig, shown).",
+        " which is judged, and in brackets its interval of two standard errors either side, how far the rig's"
+        " noise alone could carry it; vs 1w: the ratio of the medians, which can take two disks' figures from"
+        " different minutes of the rig, shown).",
     )
     for entry in entries:
         cells = (
@@ -750,7 +787,7 @@ def _worker_scaling_table(raw: dict[str, Any], rows: list[Row]) -> list[str]:
             + " | "
             + " | ".join(
                 f"{_fmt(entry['workers'][w]['value'])} | {_x(entry['workers'][w]['vs_1w'])} | "
-                f"{_x(entry['workers'][w]['per_round_vs_1w'])}"
+                f"{_x(entry['workers'][w]['per_round_vs_1w'])}{_interval(entry['workers'][w]['per_round_interval'])}"
                 for w in more
             )
         )
@@ -918,7 +955,7 @@ def main(argv: list[str] | None = None) -> int:
         "summary": summary(rows),
         "targets": targets_check(rows, raw["kernel"]),
         "scaling": scaling(rows),
-        "worker_scaling": worker_scaling(rows, per_round_ratios(raw)),
+        "worker_scaling": worker_scaling(rows, per_round_ratios(raw), per_round_intervals(raw)),
         "loop_paired": loop_paired(raw),
         "dispatch": dispatch(raw),
         "file_vs_memory": file_vs_memory(rows),

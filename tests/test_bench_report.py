@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -372,11 +373,34 @@ def test_per_round_ratios_pair_each_round_with_one_workers_same_round(tmp_path: 
         for line in report.markdown(raw, report.rows_from_raw(raw)).splitlines()
         if line.startswith("| randread-4k-qd32 | IOPS | ")
     )
-    assert "| 0.60x | 0.62x |" in line
+    # The three rounds' spread (0.9, 0.9, 0.3) puts the ratio anywhere in 0.30-1.30x.
+    assert "| 0.60x | 0.62x (0.30-1.30) |" in line
     (tmp_path / "raw.json").write_text(json.dumps(raw))
     assert report.main([str(tmp_path), "--results", str(tmp_path / "out")]) == 0
     document = json.loads(next((tmp_path / "out").glob("*.json")).read_text())
     assert document["worker_scaling"][0]["workers"]["2"]["per_round_vs_1w"] == pytest.approx(0.624, abs=1e-3)
+    interval = document["worker_scaling"][0]["workers"]["2"]["per_round_interval"]
+    assert interval == pytest.approx([0.300, 1.298], abs=1e-3)
+
+
+def test_per_round_intervals_are_two_geometric_standard_errors_either_side() -> None:
+    raw = raw_result({"loop": 1.0}, scaling=False)
+    for one, two, four in ((1.0, 0.8, 1.0), (2.0, 2.0, 2.0), (1.0, 1.25, 1.0)):
+        raw["runs"] += [
+            _run("scale-abuse-mem-1w", "randread-4k-qd32", one),
+            _run("scale-abuse-mem-2w", "randread-4k-qd32", two),
+            _run("scale-abuse-mem-4w", "randread-4k-qd32", four),
+        ]
+    raw["runs"] += [
+        _run("scale-abuse-mem-1w", "randwrite-4k-qd32", 1.0),
+        _run("scale-abuse-mem-2w", "randwrite-4k-qd32", 0.9),
+    ]
+    intervals = report.per_round_intervals(raw)
+    # 2 workers: ratios 0.8, 1.0, 1.25, logs -a, 0, +a: mean 1.0, standard error a / sqrt(3).
+    spread = math.exp(2 * math.log(1.25) / math.sqrt(3))
+    assert intervals[("randread-4k-qd32", 2)] == pytest.approx((1 / spread, spread))
+    assert intervals[("randread-4k-qd32", 4)] == pytest.approx((1.0, 1.0))  # no spread, no doubt
+    assert ("randwrite-4k-qd32", 2) not in intervals  # one round says nothing of the noise
 
 
 def test_worker_scaling_judges_the_ratios_inside_the_rounds_not_the_medians() -> None:
