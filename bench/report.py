@@ -442,9 +442,8 @@ def per_round_intervals(
     for key, pairs in _round_pairs(raw, base).items():
         if len(pairs) < 2:
             continue
-        logs = [math.log(pair) for pair in pairs]
-        spread = math.exp(2 * statistics.stdev(logs) / math.sqrt(len(logs)))
-        mean = math.exp(statistics.fmean(logs))
+        spread = math.exp(2 * statistics.stdev(map(math.log, pairs)) / math.sqrt(len(pairs)))
+        mean = statistics.geometric_mean(pairs)  # per_round_ratios' figure
         out[key] = (mean / spread, mean * spread)
     return out
 
