@@ -123,6 +123,11 @@ class Worker:
         if getattr(backend, "wants_tokens", False):
             self._xfer.use_tokens()
             self._tokens = memoryview(uapi.ffi.buffer(self._xfer.tokens)).cast("Q")
+        # Whether batches may be answered by columns (_answer_plain): in place, no tokens.
+        self._plain = _PLAIN_LAYOUTS and self.in_place and self._tokens is None
+        # Whether reads ask the backend for an address first: not if it
+        # keeps Backend's (always 0), a Python call per read saved.
+        self._reads_mapped = getattr(backend.mapped_address, "__func__", None) is not Backend.mapped_address
         self._batch = batch
         self._per_request_ns = 0  # moving average of a request's service time
         self._measured = False  # the first batch sets the average outright
@@ -213,7 +218,7 @@ class Worker:
         return self.control.info(self._index).config.size > int(self._xfer.arg.buffer_size)
 
     def _serve_by_copy(self) -> None:
-        self.in_place = False
+        self.in_place = self._plain = False
         self._xfer.use_buffer(self._base, len(self._mmap))
 
     def _call_backend(self, op: int, offset: int, length: int) -> int:
@@ -267,7 +272,7 @@ class Worker:
         if self._overlapped:
             return self._run_overlapped(count)
         backend = self.backend
-        mapped_address = backend.mapped_address
+        mapped_address = backend.mapped_address if self._reads_mapped else None
         call_backend = self._call_backend
         in_place = self.in_place
         view = self._view
@@ -287,7 +292,7 @@ class Worker:
             elif not in_place:
                 try:
                     if op == _READ:
-                        address = mapped_address(offset, length)
+                        address = mapped_address(offset, length) if mapped_address else 0
                         if address:
                             data = address  # the kernel copies from the backend itself
                         else:
@@ -301,11 +306,6 @@ class Worker:
             pack_reply(replies, at, handle, data, length, result, 0, 0)
             at += _REPLY.size
         return count
-
-    @property
-    def _plain(self) -> bool:
-        """Whether batches may be answered by columns (_answer_plain): in place, no tokens."""
-        return _PLAIN_LAYOUTS and self.in_place and self._tokens is None
 
     def _answer_plain(self, count: int) -> bool:
         """Answer a batch of plain reads and writes served in place, if it is one.

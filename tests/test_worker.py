@@ -253,6 +253,52 @@ def test_without_mapped_in_the_module_a_mapped_backend_is_served_by_copy() -> No
         control.close()
 
 
+class Addressed(Recorder):
+    """Reads by address (``mapped_address``), as ``file:`` served by copy does; writes by copy."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.map = mmap.mmap(-1, SIZE)
+        self.address = ctypes.addressof(ctypes.c_char.from_buffer(self.map))
+
+    def mapped_address(self, offset: int, length: int) -> int:
+        self._call("mapped_address", offset, length)
+        return self.address + offset
+
+
+def test_reads_ask_for_an_address_only_a_backend_that_has_one(
+    control: FakeControl, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    addressed, plain = Addressed(), Recorder()
+    with_address, without = make(control, addressed), make(control, plain)
+    try:
+        # The default mapped_address (always 0) is not even called.
+        monkeypatch.setattr(Backend, "mapped_address", lambda *args: pytest.fail("asked for an address"))
+        assert batch(with_address, (READ, 0, 4096, 4096)) == [(100, addressed.address + 4096, 4096, 0)]
+        assert addressed.calls == [("mapped_address", 4096, 4096)]
+        assert batch(without, (READ, 0, 4096, 4096)) == [(100, without._base, 4096, 0)]
+        assert plain.calls == [("read", 4096, 4096)]
+    finally:
+        with_address.close()
+        without.close()
+        addressed.map.close()
+
+
+def test_serving_by_copy_after_in_place_leaves_the_plain_path(control: FakeControl) -> None:
+    backend = Mapped()
+    worker = make(control, backend)
+    try:
+        assert worker.in_place and worker._plain
+        worker._serve_by_copy()
+        assert not worker.in_place and not worker._plain
+        put_payload(worker, 0, b"c" * 4096)
+        batch(worker, (WRITE, 0, 0, 4096))
+        assert backend.calls == [("write", 0, b"c" * 4096)]
+    finally:
+        worker.close()
+        backend.map.close()
+
+
 class Null(Backend):
     """Stores nothing: what is left to measure is the worker's own loop."""
 
