@@ -238,15 +238,20 @@ def test_in_place_answers_without_reading_or_writing(control: FakeControl) -> No
         backend.map.close()
 
 
+def assert_writes_by_copy(worker: Worker, backend: Recorder) -> None:
+    """A write goes to the backend's ``write``, from the worker's buffer."""
+    assert not worker.in_place
+    put_payload(worker, 0, b"c" * 4096)
+    batch(worker, (WRITE, 0, 0, 4096))
+    assert backend.calls == [("write", 0, b"c" * 4096)]
+
+
 def test_without_mapped_in_the_module_a_mapped_backend_is_served_by_copy() -> None:
     control = FakeControl(xfer_features=uapi.V1_XFER_FEATURES)
     backend = Mapped()
     worker = make(control, backend)
     try:
-        assert not worker.in_place
-        put_payload(worker, 0, b"c" * 4096)
-        batch(worker, (WRITE, 0, 0, 4096))
-        assert backend.calls == [("write", 0, b"c" * 4096)]
+        assert_writes_by_copy(worker, backend)
     finally:
         worker.close()
         backend.map.close()
@@ -290,10 +295,8 @@ def test_serving_by_copy_after_in_place_leaves_the_plain_path(control: FakeContr
     try:
         assert worker.in_place and worker._plain
         worker._serve_by_copy()
-        assert not worker.in_place and not worker._plain
-        put_payload(worker, 0, b"c" * 4096)
-        batch(worker, (WRITE, 0, 0, 4096))
-        assert backend.calls == [("write", 0, b"c" * 4096)]
+        assert not worker._plain
+        assert_writes_by_copy(worker, backend)
     finally:
         worker.close()
         backend.map.close()
