@@ -22,6 +22,7 @@ import errno
 import os
 import random
 import struct
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from abuse import uapi
@@ -124,6 +125,8 @@ class Fuzzer:
         self.resets = 0
         self.got = 0
         self.stale: list[int] = []
+        # What happened to each handle the fuzzer held, for a failure's report.
+        self.history: dict[int, str] = {}
         self.loose = File(os.open(CONTROL_PATH, os.O_RDWR | os.O_CLOEXEC))
         self.bound = self._attached(busy)
         self.rotate_at = 0
@@ -140,10 +143,15 @@ class Fuzzer:
 
     def _close(self, f: File) -> None:
         """Closing requeues what ``f`` holds: those handles are stale now."""
+        self._note_stale(f.held, f"file {f.fd} closed")
         self.stale.extend(f.held)
         f.held.clear()
         os.close(f.fd)
         del self.stale[:-512]
+
+    def _note_stale(self, handles: Iterable[int], why: str) -> None:
+        for handle in handles:
+            self.history[handle] = f"{self.history.get(handle, '?')}, stale at call {self.calls} ({why})"
 
     def _call(self, fd: int, cmd: int, arg: int, allowed: set[int], what: str) -> int:
         err = ioctl(fd, cmd, arg)
@@ -459,6 +467,7 @@ class Fuzzer:
         if not err and index == self.busy.index:
             # Everything in flight went back, ours included.
             self.resets += 1
+            self._note_stale(self.bound.held, "RESET")
             self.stale.extend(self.bound.held)
             self.bound.held.clear()
 
@@ -511,8 +520,8 @@ class Fuzzer:
             return ptr.address, size, ptr.address + size <= arena.guard
         return ptr.address, size, size == 0
 
-    def _entries(self, f: File, n: int) -> tuple[bytes, list[int]]:
-        """``n`` PUT entries that cannot complete anything, and their statuses.
+    def _entries(self, f: File, n: int) -> tuple[bytes, list[int], list[str]]:
+        """``n`` PUT entries that cannot complete anything, their statuses, and what each names.
 
         Up to 4 are drawn (drawing is the slow part under TCG); a longer
         batch repeats them, which is no different to the driver: none of
@@ -520,14 +529,16 @@ class Fuzzer:
         """
         out = []
         want = []
+        about = []
         for _ in range(min(n, 4)):
-            entry, status = self._entry(f)
+            entry, status, names = self._entry(f)
             out.append(entry)
             want.append(-status)
+            about.append(names)
         reps = -(-n // len(out))
-        return (b"".join(out) * reps)[: n * REPLY.size], (want * reps)[:n]
+        return (b"".join(out) * reps)[: n * REPLY.size], (want * reps)[:n], (about * reps)[:n]
 
-    def _entry(self, f: File) -> tuple[bytes, int]:
+    def _entry(self, f: File) -> tuple[bytes, int, str]:
         rng = self.rng
         assert f.disk is not None
         bits = rng.getrandbits
@@ -540,6 +551,7 @@ class Fuzzer:
         pick = rng.random()
         if pick < 0.35 and f.held:
             handle, (op, real_length) = rng.choice(list(f.held.items()))
+            names = f"held by file {f.fd}"
             if op == uapi.ABUSE_OP_READ and rng.random() < 0.5:
                 # Right length, no error: only the unreadable data stops it.
                 length, result = real_length, 0
@@ -554,6 +566,7 @@ class Fuzzer:
                 status = errno.EINVAL
         elif pick < 0.55 and self.stale:
             handle = rng.choice(self.stale)
+            names = "stale"
             status = errno.ESTALE
         else:
             depth = f.disk.queue_depth
@@ -562,10 +575,12 @@ class Fuzzer:
             if tag < depth:
                 gen |= 1 << 31  # never handed out in a test this short
             handle = gen << 32 | tag
+            names = "never handed out"
             status = errno.ESTALE
         if reserved or result > 0 or result < -MAX_ERRNO:
             status = errno.EINVAL  # checked before the handle
-        return REPLY.pack(handle, data & U64, length & U32, result, 0x5A5A5A5A, reserved), status
+        names = f"{handle:#x}: {names}; {self.history.get(handle, 'no history')}"
+        return REPLY.pack(handle, data & U64, length & U32, result, 0x5A5A5A5A, reserved), status, names
 
     def _xfer(self, f: File, cmd: int) -> None:
         rng = self.rng
@@ -581,10 +596,11 @@ class Fuzzer:
 
         # The replies array.
         entries_want: list[int] = []
+        entries_about: list[str] = []
         replies_ok = True
         replies_addr = 0
         if nr_replies and nr_replies <= MAX_BATCH:
-            blob, entries_want = self._entries(f, nr_replies)
+            blob, entries_want, entries_about = self._entries(f, nr_replies)
             rptr = place(rng, self.replies, blob)
             replies_addr, replies_ok = rptr.address, rptr.readable and rptr.writable
         elif nr_replies:
@@ -640,7 +656,7 @@ class Fuzzer:
         err = self._call(f.fd, cmd, aptr.address, allowed, what)
 
         if answered and nr_replies:
-            self._check_statuses(replies_addr, entries_want, what)
+            self._check_statuses(replies_addr, entries_want, what, entries_about)
         if err or not aptr.writable or not aptr.readable:
             return
         out = XFER.unpack(self.args.read(aptr.address, XFER.size))
@@ -651,12 +667,15 @@ class Fuzzer:
         if nr_requests:
             self._took(f, qptr.address, nr_requests, buf, buf_size, mapped, what)
 
-    def _check_statuses(self, address: int, want: list[int], what: str) -> None:
+    def _check_statuses(
+        self, address: int, want: list[int], what: str, about: list[str] | None = None
+    ) -> None:
         blob = self.replies.read(address, len(want) * REPLY.size)
         got = list(memoryview(blob).cast("i")[6::8])
         if got != want:
             bad = [(i, g, w) for i, (g, w) in enumerate(zip(got, want)) if g != w][:5]
-            raise FuzzFailure(f"call {self.calls}: {what}: entry statuses (index, got, want) {bad}")
+            named = "".join(f"\n  entry {i}: {about[i]}" for i, _, _ in bad) if about else ""
+            raise FuzzFailure(f"call {self.calls}: {what}: entry statuses (index, got, want) {bad}{named}")
 
     def _took(
         self, f: File, address: int, count: int, buf: int, buf_size: int, mapped: bool, what: str
@@ -680,3 +699,4 @@ class Fuzzer:
             assert ok, f"{what}: bad descriptor {(handle, offset, data, length, op, flags)}"
             assert handle not in f.held, f"{what}: handle {handle:#x} handed out twice"
             f.held[handle] = (op, length)
+            self.history[handle] = f"taken at call {self.calls} by file {f.fd} ({what})"
