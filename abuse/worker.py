@@ -125,9 +125,12 @@ class Worker:
             self._tokens = memoryview(uapi.ffi.buffer(self._xfer.tokens)).cast("Q")
         # Whether batches may be answered by columns (_answer_plain): in place, no tokens.
         self._plain = _PLAIN_LAYOUTS and self.in_place and self._tokens is None
-        # Whether reads ask the backend for an address first: not if it
-        # keeps Backend's (always 0), a Python call per read saved.
-        self._reads_mapped = getattr(backend.mapped_address, "__func__", None) is not Backend.mapped_address
+        # What a read asks for its address first; None if the backend keeps
+        # Backend's (always 0): a Python call per read saved.
+        address_of: Callable[[int, int], int] | None = backend.mapped_address
+        if getattr(address_of, "__func__", None) is Backend.mapped_address:
+            address_of = None
+        self._mapped_address = address_of
         self._batch = batch
         self._per_request_ns = 0  # moving average of a request's service time
         self._measured = False  # the first batch sets the average outright
@@ -272,7 +275,7 @@ class Worker:
         if self._overlapped:
             return self._run_overlapped(count)
         backend = self.backend
-        mapped_address = backend.mapped_address if self._reads_mapped else None
+        mapped_address = self._mapped_address
         call_backend = self._call_backend
         in_place = self.in_place
         view = self._view

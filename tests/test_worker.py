@@ -258,13 +258,11 @@ def test_without_mapped_in_the_module_a_mapped_backend_is_served_by_copy() -> No
         control.close()
 
 
-class Addressed(Recorder):
+class Addressed(Mapped):
     """Reads by address (``mapped_address``), as ``file:`` served by copy does; writes by copy."""
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.map = mmap.mmap(-1, SIZE)
-        self.address = ctypes.addressof(ctypes.c_char.from_buffer(self.map))
+    def mapping(self) -> tuple[int, int] | None:
+        return None
 
     def mapped_address(self, offset: int, length: int) -> int:
         self._call("mapped_address", offset, length)
