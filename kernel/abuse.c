@@ -103,8 +103,6 @@ struct abuse_cmd {
 	struct abuse_worker *holder; /* IN_FLIGHT/BUSY: who has it */
 	u64 queued_ns;		/* QUEUED: when it (re)entered the queue */
 	unsigned long handed_out; /* IN_FLIGHT/BUSY: jiffies of the GET */
-	/* handle generation: bumped at hand-out, requeue and end */
-	u32 gen;
 	u32 timeouts;		/* timer expiries in this request's life */
 	u8 state;		/* enum abuse_cmd_state */
 	bool fail_pending;	/* BUSY: end with -EIO once the copy is done */
@@ -215,6 +213,13 @@ struct abuse_device {
 	u64 queued_bytes;		/* data of the QUEUED reads and writes */
 	struct list_head workers;	/* attached files' abuse_worker */
 	struct request **rqs;		/* by tag: every request not IDLE */
+	/*
+	 * By tag: the handle generation, bumped at hand-out, requeue and
+	 * end.  Per tag, not per request: with an I/O scheduler one tag
+	 * carries many requests in turn, each with its own pdu, and a
+	 * count per pdu would hand out a handle a stale PUT still names.
+	 */
+	u32 *gens;
 	u64 last_token;			/* fencing token of the last hand-out */
 	struct abuse_worker *spinner;	/* the one GET polling for work */
 	struct abuse_worker *lead;	/* the last one to take a batch */
@@ -415,9 +420,9 @@ static inline struct abuse_cmd *abuse_cmd(struct request *rq)
 	return blk_mq_rq_to_pdu(rq);
 }
 
-static inline u64 abuse_handle(struct request *rq)
+static inline u64 abuse_handle(struct abuse_device *dev, struct request *rq)
 {
-	return (u64)abuse_cmd(rq)->gen << 32 | rq->tag;
+	return (u64)dev->gens[rq->tag] << 32 | rq->tag;
 }
 
 /*
@@ -500,7 +505,7 @@ static void abuse_requeue(struct abuse_device *dev, struct request *rq)
 	struct abuse_cmd *cmd = abuse_cmd(rq);
 
 	abuse_set_state(dev, rq, ABUSE_CMD_QUEUED);
-	cmd->gen++;
+	dev->gens[rq->tag]++;
 	cmd->holder = NULL;
 	/* It was handed out before anything now queued: serve it first. */
 	cmd->queued_ns = local_clock();
@@ -519,7 +524,7 @@ static void abuse_retire(struct abuse_device *dev, struct request *rq,
 	struct abuse_cmd *cmd = abuse_cmd(rq);
 
 	abuse_set_state(dev, rq, ABUSE_CMD_IDLE);
-	cmd->gen++;
+	dev->gens[rq->tag]++;
 	cmd->holder = NULL;
 	dev->rqs[rq->tag] = NULL;
 	dev->stats.completed++;
@@ -1143,6 +1148,7 @@ static void abuse_dev_release(struct kref *kref)
 
 	hrtimer_cancel(&dev->wake_timer);
 	blk_mq_free_tag_set(&dev->tag_set);
+	kfree(dev->gens);
 	kfree(dev->rqs);
 	kfree(dev);
 }
@@ -1391,11 +1397,11 @@ out:
  * GET and PUT
  */
 
-static void abuse_describe(struct request *rq, u64 data,
-			   struct abuse_request *desc)
+static void abuse_describe(struct abuse_device *dev, struct request *rq,
+			   u64 data, struct abuse_request *desc)
 {
 	memset(desc, 0, sizeof(*desc));
-	desc->handle = abuse_handle(rq);
+	desc->handle = abuse_handle(dev, rq);
 	desc->offset = (u64)blk_rq_pos(rq) << SECTOR_SHIFT;
 	desc->length = blk_rq_bytes(rq);
 	desc->data = data;
@@ -1547,11 +1553,11 @@ static int abuse_get_chunk(struct abuse_device *dev, struct abuse_worker *w,
 			data = need ? x->buffer + *used : 0;
 		}
 		abuse_set_state(dev, rq, ABUSE_CMD_BUSY);
-		cmd->gen++;
+		dev->gens[rq->tag]++;
 		cmd->holder = w;
 		cmd->handed_out = jiffies;
 		tokens[taken] = ++dev->last_token;
-		abuse_describe(rq, data, &descs[taken]);
+		abuse_describe(dev, rq, data, &descs[taken]);
 		*used += need;
 		*payload += abuse_payload(rq);
 		rqs[taken++] = rq;
@@ -1620,7 +1626,7 @@ static int abuse_get_chunk(struct abuse_device *dev, struct abuse_worker *w,
 			/* Unless a timeout or RESET took it meanwhile. */
 			if (cmd->state == ABUSE_CMD_IN_FLIGHT &&
 			    cmd->holder == w &&
-			    cmd->gen == upper_32_bits(descs[i].handle)) {
+			    descs[i].handle == abuse_handle(dev, rqs[i])) {
 				abuse_requeue(dev, rqs[i]);
 				requeued++;
 			}
@@ -1975,8 +1981,14 @@ static u32 abuse_put_chunk(struct abuse_device *dev, struct abuse_worker *w,
 			count = i;
 			break;
 		}
+		/*
+		 * Only the file that took a request answers it: another
+		 * file's PUT of a live handle would end it behind its
+		 * holder's back.
+		 */
 		if (!rq || cmd->state != ABUSE_CMD_IN_FLIGHT ||
-		    cmd->gen != upper_32_bits(chunk[i].handle)) {
+		    cmd->holder != w ||
+		    chunk[i].handle != abuse_handle(dev, rq)) {
 			chunk[i].status = -ESTALE;
 			rejected++;
 		} else if (chunk[i].length != blk_rq_bytes(rq)) {
@@ -2020,9 +2032,8 @@ static u32 abuse_put_chunk(struct abuse_device *dev, struct abuse_worker *w,
 			continue;
 		cmd = abuse_cmd(rqs[i]);
 		if (!cmd->fail_pending && chunk[i].status) {
-			/* Keep it; this (live) file may PUT it again. */
+			/* Keep it; its holder, this live file, may PUT it again. */
 			abuse_set_state(dev, rqs[i], ABUSE_CMD_IN_FLIGHT);
-			cmd->holder = w;
 			copy[i] = false;
 			rejected++;
 			continue;
@@ -2141,9 +2152,10 @@ static int abuse_ctl_create(struct abuse_config *cfg)
 	if (!dev)
 		return -ENOMEM;
 	dev->rqs = kcalloc(cfg->queue_depth, sizeof(*dev->rqs), GFP_KERNEL);
-	if (!dev->rqs) {
+	dev->gens = kcalloc(cfg->queue_depth, sizeof(*dev->gens), GFP_KERNEL);
+	if (!dev->rqs || !dev->gens) {
 		ret = -ENOMEM;
-		goto out_free_dev;
+		goto out_free_rqs;
 	}
 	kref_init(&dev->kref);
 	spin_lock_init(&dev->lock);
@@ -2221,8 +2233,8 @@ out_unlock:
 out_free_tag_set:
 	blk_mq_free_tag_set(&dev->tag_set);
 out_free_rqs:
+	kfree(dev->gens);
 	kfree(dev->rqs);
-out_free_dev:
 	kfree(dev);
 	return ret;
 }

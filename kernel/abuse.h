@@ -164,8 +164,10 @@ struct abuse_request {
  *
  * Each entry is checked on its own and gets its own status:
  *   0		accepted, the request is completed with @result
- *   -ESTALE	unknown handle, or the request was requeued or completed
- *		since it was handed out; nothing was done
+ *   -ESTALE	unknown handle, the request was requeued or completed
+ *		since it was handed out, or it was handed to another file
+ *		(only the file that took a request answers it); nothing
+ *		was done
  *   -EINVAL	@length differs from the request's, @result is not 0 or a
  *		negative errno, or a reserved field is not 0
  *   -EFAULT	@data could not be read (reads only); the request stays

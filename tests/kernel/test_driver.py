@@ -549,6 +549,59 @@ def test_reset_requeues_with_new_generation(disks: Disks) -> None:
         new.close()
 
 
+def test_only_the_file_that_took_a_request_answers_it(disks: Disks) -> None:
+    config = disks.create(16 * MiB)
+    reader = Background(lambda: direct_read(config.path, 0, 4096))
+    writer = Background(lambda: direct_write(config.path, 8192, pattern(5, 4096)))
+    holder, other = RawWorker(config.index), RawWorker(config.index)
+    try:
+        wait_for(lambda: disks.control.info(config.index).counters["queued"] == 2)
+        taken = holder.get()
+        assert sorted(r.op for r in taken) == sorted([uapi.ABUSE_OP_READ, uapi.ABUSE_OP_WRITE])
+        for request in taken:
+            if request.op == uapi.ABUSE_OP_READ:
+                holder.data(request)[:] = pattern(4, 4096)
+        answers = [holder.answer(r) for r in taken]
+        # A live handle answered from another file ends nothing, even a
+        # read whose data faults (which once made that file its holder).
+        assert other.put(answers) == [-errno.ESTALE] * 2
+        assert other.put([{**a, "data": 0} for a in answers]) == [-errno.ESTALE] * 2
+        other.close()  # closing it gives back nothing it did not take
+        counters = disks.control.info(config.index).counters
+        assert (counters["requeued"], counters["in_flight"]) == (0, 2)
+        assert holder.put(answers) == [0, 0]
+        assert reader.join().result == pattern(4, 4096)
+        assert writer.join().error is None
+    finally:
+        holder.close()
+
+
+def test_a_handle_names_one_request_even_under_an_io_scheduler(disks: Disks) -> None:
+    # With a scheduler one tag carries many requests in turn, each with
+    # its own driver data: a stale handle must never name the next one.
+    config = disks.create(16 * MiB, queue_depth=1)
+    scheduler = f"/sys/block/{os.path.basename(config.path)}/queue/scheduler"
+    with open(scheduler, "w") as f:
+        f.write("mq-deadline")
+    with open(scheduler) as f:
+        assert "[mq-deadline]" in f.read()
+    raw = RawWorker(config.index)
+    handles: list[int] = []
+    try:
+        for i in range(8):
+            writer = Background(lambda i=i: direct_write(config.path, i * 4096, pattern(20 + i, 4096)))
+            wait_for(lambda: disks.control.info(config.index).counters["queued"] == 1)
+            (write,) = raw.get()
+            for handle in handles:  # late answers to the earlier ones
+                assert raw.put([{**raw.answer(write), "handle": handle}]) == [-errno.ESTALE]
+            handles.append(write.handle)
+            assert raw.put([raw.answer(write)]) == [0]
+            assert writer.join().error is None
+    finally:
+        raw.close()
+    assert len(set(handles)) == len(handles)
+
+
 def test_reset_fail_ends_queued_and_in_flight_with_eio(disks: Disks) -> None:
     config = disks.create(16 * MiB)
     raw = RawWorker(config.index)

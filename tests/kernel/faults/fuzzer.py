@@ -9,8 +9,8 @@ answer from what it knows (which disks exist, which requests each of its
 files holds); a different errno fails at once with the call described.
 
 It never completes a real request: a PUT entry names a handle that was
-never handed out, a stale one, or one it holds with a field that is
-certain to be refused.  Requests it GETs are requeued when its file is
+never handed out, a stale one, one that another of its files holds, or
+one it holds with a field that is certain to be refused.  Requests it GETs are requeued when its file is
 closed (it rotates files) or by RESET, so the real worker serving the
 disk answers every request exactly once.  Nothing it issues can block:
 every GET carries ABUSE_XFER_NOWAIT.
@@ -129,6 +129,7 @@ class Fuzzer:
         self.history: dict[int, str] = {}
         self.loose = File(os.open(CONTROL_PATH, os.O_RDWR | os.O_CLOEXEC))
         self.bound = self._attached(busy)
+        self.fresh: File | None = None  # fresh_file's, while it lives
         self.rotate_at = 0
 
     # -- bookkeeping -------------------------------------------------------
@@ -148,6 +149,11 @@ class Fuzzer:
         f.held.clear()
         os.close(f.fd)
         del self.stale[:-512]
+
+    def _held_by_others(self, f: File) -> list[int]:
+        """Live handles of ``f``'s disk that another of the fuzzer's files holds."""
+        others = (g for g in (self.bound, self.fresh) if g is not None and g is not f and g.disk is f.disk)
+        return [handle for g in others for handle in g.held]
 
     def _note_stale(self, handles: Iterable[int], why: str) -> None:
         for handle in handles:
@@ -482,9 +488,10 @@ class Fuzzer:
         """Open, ATTACH (often for real), a few GET/PUT, close: requeues."""
         rng = self.rng
         disk = rng.choice((self.busy, self.spare))
-        f = self._attached(disk)
+        f = self.fresh = self._attached(disk)
         for _ in range(rng.randrange(1, 8)):
             self._xfer(f, rng.choice((GET, PUT)))
+        self.fresh = None
         self._close(f)
 
     def get(self) -> None:
@@ -564,6 +571,11 @@ class Fuzzer:
                 if length == real_length:
                     length += rng.choice((1, 512, 4096))
                 status = errno.EINVAL
+        elif pick < 0.45 and (theirs := self._held_by_others(f)):
+            # Only the file that took a request answers it.
+            handle = rng.choice(theirs)
+            names = f"held by another file than {f.fd}"
+            status = errno.ESTALE
         elif pick < 0.55 and self.stale:
             handle = rng.choice(self.stale)
             names = "stale"

@@ -192,11 +192,14 @@ def test_two_threads_put_one_handle_exactly_one_wins(disks: Disks, rng: random.R
                 io = Background(partial(direct_read, config.path, offset, length))
             else:
                 io = Background(partial(direct_write, config.path, offset, payloads[0]))
-            holder = rng.choice(workers)
+            holder, other = rng.sample(workers, 2)
             request = _take_one(holder)
             calls += 1
-            pair = rng.choice(((0, 1), (0, 0), (1, 1), (1, 0)))
-            racers = [_Racer(workers[i], payloads[k]) for k, i in enumerate(pair)]
+            # Two threads PUT the handle at once: both on the holder's file
+            # (one wins), or one of them on another file (refused, however
+            # the two interleave: only the file that took a request answers).
+            pair = rng.choice(((holder, holder), (holder, other), (other, holder)))
+            racers = [_Racer(worker, payloads[k]) for k, worker in enumerate(pair)]
             for racer in racers:
                 racer.aim(request.handle, request.length)
             barrier = threading.Barrier(2)
@@ -209,10 +212,11 @@ def test_two_threads_put_one_handle_exactly_one_wins(disks: Disks, rng: random.R
             calls += 2
             statuses = [racer.status for racer in racers]
             assert sorted(statuses) == [-errno.ESTALE, 0], f"round {r}: {statuses}"  # type: ignore[type-var]
+            winner = statuses.index(0)
+            assert pair[winner] is holder, f"round {r}: another file's answer won"
             io.join(30)
             assert io.error is None, io.error
             if reading:
-                winner = statuses.index(0)
                 assert io.result == payloads[winner], f"round {r}: read data is not the winner's"
         counters = disks.control.info(config.index).counters
         assert counters["completed"] == rounds, counters
