@@ -215,9 +215,11 @@ struct abuse_device {
 	struct request **rqs;		/* by tag: every request not IDLE */
 	/*
 	 * By tag: the handle generation, bumped at hand-out, requeue and
-	 * end.  Per tag, not per request: with an I/O scheduler one tag
-	 * carries many requests in turn, each with its own pdu, and a
-	 * count per pdu would hand out a handle a stale PUT still names.
+	 * end.  Per tag, not per request: one tag carries several requests
+	 * in turn, each with its own pdu (an I/O scheduler's, or blk-mq's
+	 * flush request, which borrows the tag of the write it flushes
+	 * for), and a count per pdu would hand out a handle that a stale
+	 * PUT still names.
 	 */
 	u32 *gens;
 	u64 last_token;			/* fencing token of the last hand-out */
