@@ -7,6 +7,7 @@ import os
 import select
 import subprocess
 import time
+from functools import partial
 from typing import Any, Callable
 
 import pytest
@@ -576,27 +577,44 @@ def test_only_the_file_that_took_a_request_answers_it(disks: Disks) -> None:
         holder.close()
 
 
-def test_a_handle_names_one_request_even_under_an_io_scheduler(disks: Disks) -> None:
-    # With a scheduler one tag carries many requests in turn, each with
-    # its own driver data: a stale handle must never name the next one.
-    config = disks.create(16 * MiB, queue_depth=1)
-    scheduler = f"/sys/block/{os.path.basename(config.path)}/queue/scheduler"
-    with open(scheduler, "w") as f:
-        f.write("mq-deadline")
-    with open(scheduler) as f:
-        assert "[mq-deadline]" in f.read()
+def _flush_device(path: str) -> None:
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.fsync(fd)  # an empty PREFLUSH: blk-mq's flush request carries it
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("scheduler", ["none", "mq-deadline"])
+def test_a_handle_names_one_request_even_when_a_tag_carries_many(disks: Disks, scheduler: str) -> None:
+    # One tag carries several requests in turn, each with its own driver
+    # data: blk-mq's flush request borrows the tag of the request it
+    # flushes for, and a scheduler hands its own requests a tag as they
+    # go.  A stale handle must never name the next request on its tag.
+    config = disks.create(16 * MiB, queue_depth=1, flags=uapi.ABUSE_F_FLUSH)
+    path = f"/sys/block/{os.path.basename(config.path)}/queue/scheduler"
+    with open(path, "w") as f:
+        f.write(scheduler)
+    with open(path) as f:
+        assert f"[{scheduler}]" in f.read()
     raw = RawWorker(config.index)
     handles: list[int] = []
     try:
         for i in range(8):
-            writer = Background(lambda i=i: direct_write(config.path, i * 4096, pattern(20 + i, 4096)))
+            flushing = i % 2 == 1
+            io = Background(
+                partial(_flush_device, config.path)
+                if flushing
+                else partial(direct_write, config.path, i * 4096, pattern(20 + i, 4096))
+            )
             wait_for(lambda: disks.control.info(config.index).counters["queued"] == 1)
-            (write,) = raw.get()
+            (request,) = raw.get()
+            assert request.op == (uapi.ABUSE_OP_FLUSH if flushing else uapi.ABUSE_OP_WRITE)
             for handle in handles:  # late answers to the earlier ones
-                assert raw.put([{**raw.answer(write), "handle": handle}]) == [-errno.ESTALE]
-            handles.append(write.handle)
-            assert raw.put([raw.answer(write)]) == [0]
-            assert writer.join().error is None
+                assert raw.put([{**raw.answer(request), "handle": handle}]) == [-errno.ESTALE]
+            handles.append(request.handle)
+            assert raw.put([raw.answer(request)]) == [0]
+            assert io.join().error is None
     finally:
         raw.close()
     assert len(set(handles)) == len(handles)
