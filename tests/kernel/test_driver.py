@@ -563,8 +563,8 @@ def test_only_the_file_that_took_a_request_answers_it(disks: Disks) -> None:
             if request.op == uapi.ABUSE_OP_READ:
                 holder.data(request)[:] = pattern(4, 4096)
         answers = [holder.answer(r) for r in taken]
-        # A live handle answered from another file ends nothing, even a
-        # read whose data faults (which once made that file its holder).
+        # A live handle answered from another file ends nothing, and a
+        # read whose data faults there does not make that file its holder.
         assert other.put(answers) == [-errno.ESTALE] * 2
         assert other.put([{**a, "data": 0} for a in answers]) == [-errno.ESTALE] * 2
         other.close()  # closing it gives back nothing it did not take

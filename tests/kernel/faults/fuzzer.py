@@ -10,10 +10,11 @@ files holds); a different errno fails at once with the call described.
 
 It never completes a real request: a PUT entry names a handle that was
 never handed out, a stale one, one that another of its files holds, or
-one it holds with a field that is certain to be refused.  Requests it GETs are requeued when its file is
-closed (it rotates files) or by RESET, so the real worker serving the
-disk answers every request exactly once.  Nothing it issues can block:
-every GET carries ABUSE_XFER_NOWAIT.
+one it holds with a field that is certain to be refused.  Requests it
+GETs are requeued when its file is closed (it rotates files) or by
+RESET, so the real worker serving the disk answers every request
+exactly once.  Nothing it issues can block: every GET carries
+ABUSE_XFER_NOWAIT.
 """
 
 from __future__ import annotations
