@@ -29,6 +29,7 @@
 #include <linux/sched/clock.h>
 #include <linux/sched/signal.h>
 #include <linux/sched/stat.h>
+#include <linux/seq_file.h>
 #include <linux/slab.h>
 #include <linux/uaccess.h>
 #include <linux/wait.h>
@@ -155,6 +156,7 @@ enum {
 struct abuse_worker {
 	struct abuse_device *dev;
 	struct list_head node;		/* on dev->workers; dev->lock */
+	u64 id;				/* for fdinfo and debugfs; set at ATTACH */
 	/* tgid of the last GET, else of ATTACH; dev->lock (read unlocked
 	 * only to compare with the caller's)
 	 */
@@ -284,6 +286,7 @@ static void abuse_unlock(struct abuse_device *dev)
 
 static DEFINE_MUTEX(abuse_ctl_mutex);	/* protects abuse_index_idr */
 static DEFINE_IDR(abuse_index_idr);
+static u64 abuse_last_worker_id;	/* abuse_ctl_mutex */
 
 #ifdef ABUSE_SELFTEST_BUGS
 /*
@@ -1124,10 +1127,45 @@ static int abuse_init_request(struct blk_mq_tag_set *set, struct request *rq,
 	return 0;
 }
 
+#ifdef CONFIG_BLK_DEBUG_FS
+/*
+ * blk-mq's debugfs lists every request it handed us
+ * (/sys/kernel/debug/block/abuseN/hctx0/busy); this adds where each one is
+ * here: its state, the handle a GET gave for it, and which attached file
+ * (abuse_worker.id, as its fdinfo shows it) holds it and for how long.
+ */
+static void abuse_show_rq(struct seq_file *m, struct request *rq)
+{
+	static const char *const states[] = {
+		[ABUSE_CMD_IDLE] = "idle",
+		[ABUSE_CMD_QUEUED] = "queued",
+		[ABUSE_CMD_IN_FLIGHT] = "held",
+		[ABUSE_CMD_BUSY] = "busy",
+	};
+	struct abuse_device *dev = rq->q->queuedata;
+	struct abuse_cmd *cmd = abuse_cmd(rq);
+
+	/* A holder stays attached while it holds: release requeues first. */
+	spin_lock_irq(&dev->lock);
+	seq_printf(m, ", .abuse_state=%s", states[cmd->state]);
+	/* A tag's handle names the request the driver has on that tag. */
+	if (cmd->state != ABUSE_CMD_IDLE && dev->rqs[rq->tag] == rq)
+		seq_printf(m, ", .abuse_handle=%#llx", abuse_handle(dev, rq));
+	if (cmd->holder)
+		seq_printf(m, ", .abuse_holder=%llu, .abuse_holder_pid=%d, .abuse_held_ms=%u",
+			   cmd->holder->id, pid_vnr(cmd->holder->owner),
+			   jiffies_to_msecs(jiffies - cmd->handed_out));
+	spin_unlock_irq(&dev->lock);
+}
+#endif
+
 static const struct blk_mq_ops abuse_mq_ops = {
 	.queue_rq	= abuse_queue_rq,
 	.timeout	= abuse_timeout,
 	.init_request	= abuse_init_request,
+#ifdef CONFIG_BLK_DEBUG_FS
+	.show_rq	= abuse_show_rq,
+#endif
 };
 
 /* Refuse new openers of a disk being destroyed.  Under disk->open_mutex. */
@@ -2400,6 +2438,7 @@ static int abuse_ctl_attach(struct file *file,
 		goto out_unlock;
 	}
 	kref_get(&dev->kref);
+	w->id = ++abuse_last_worker_id;
 	spin_lock_irq(&dev->lock);
 	list_add_tail(&w->node, &dev->workers);
 	dev->stats.attached++;
@@ -2599,6 +2638,13 @@ static long abuse_ctl_ioctl(struct file *file, unsigned int cmd,
 	case ABUSE_IOC_PUT:
 		if (copy_from_user(&u.xfer, argp, sizeof(u.xfer)))
 			return -EFAULT;
+		/*
+		 * The answer goes back here: find out now that it can, not
+		 * after the PUT half answered and the GET half took requests
+		 * that the caller would then never learn it holds.
+		 */
+		if (copy_to_user(argp, &u.xfer, sizeof(u.xfer)))
+			return -EFAULT;
 		ret = abuse_ctl_xfer(file, &u.xfer, cmd == ABUSE_IOC_PUT);
 		if (ret)
 			return ret;
@@ -2677,8 +2723,34 @@ static int abuse_ctl_release(struct inode *inode, struct file *file)
 	return 0;
 }
 
+/*
+ * /proc/PID/fdinfo/FD of an attached file: the disk it serves, its id (as
+ * debugfs names holders) and how many requests it holds now.  The file
+ * is pinned while this runs, so its worker and disk are too.
+ */
+static void abuse_ctl_show_fdinfo(struct seq_file *m, struct file *file)
+{
+	struct abuse_worker *w = abuse_file_worker(file);
+	struct abuse_device *dev;
+	unsigned int tag, held = 0;
+	bool fenced;
+
+	if (!w)
+		return;
+	dev = w->dev;
+	spin_lock_irq(&dev->lock);
+	for (tag = 0; tag < dev->config.queue_depth; tag++)
+		if (dev->rqs[tag] && abuse_cmd(dev->rqs[tag])->holder == w)
+			held++;
+	fenced = w->fenced;
+	spin_unlock_irq(&dev->lock);
+	seq_printf(m, "abuse-disk:\t%u\nabuse-worker:\t%llu\nabuse-held:\t%u\nabuse-fenced:\t%d\n",
+		   dev->config.index, w->id, held, fenced);
+}
+
 static const struct file_operations abuse_ctl_fops = {
 	.owner		= THIS_MODULE,
+	.show_fdinfo	= abuse_ctl_show_fdinfo,
 	.open		= abuse_ctl_open,
 	.release	= abuse_ctl_release,
 	.unlocked_ioctl	= abuse_ctl_ioctl,

@@ -207,7 +207,9 @@ struct abuse_reply {
  * @nr_requests 0.  A request larger than @buffer_size is never handed
  * out: -ENOBUFS.  A
  * buffer whose end, @buffer + @buffer_size, does not fit in 64 bits is
- * refused: -EINVAL.
+ * refused: -EINVAL.  A struct abuse_xfer that cannot be both read and
+ * written is -EFAULT before anything else, with nothing answered or
+ * taken.
  *
  * With ABUSE_XFER_MAPPED, @buffer is the whole disk, mapped (a memory
  * backend's mapping, say): a request at byte offset O has its data at
@@ -256,6 +258,15 @@ struct abuse_xfer {
  * (flags in hex), and "workers": the pids serving the disk, one per
  * attached file (the process that last did a GET, else the one that
  * attached), space-separated.
+ *
+ * For debugging, not an interface to build on: an attached file's
+ * /proc/PID/fdinfo/FD has "abuse-disk", "abuse-worker" (an id per
+ * attached file), "abuse-held" (requests it holds now) and
+ * "abuse-fenced" lines, and each request line of blk-mq's debugfs
+ * (/sys/kernel/debug/block/abuseN/hctx0/busy) ends with the driver's
+ * .abuse_state (queued, held, busy: being copied), .abuse_handle and,
+ * while held, .abuse_holder (that worker id), .abuse_holder_pid and
+ * .abuse_held_ms.
  */
 #define ABUSE_IOC_MAGIC			0xE4
 

@@ -17,6 +17,7 @@ from abuse.control import Control
 from tests.kernel.blockio import Background, direct_read, direct_write, pattern
 from tests.kernel.conftest import Disks, MiB, asleep_in_driver, run, wait_for
 from tests.kernel.faults.hostile import PAGE, Arena
+from tests.kernel.holders import busy_requests, fdinfo
 from tests.kernel.raw import RawWorker, Request, expect_errno, raw_errno, unmapped_address
 
 ffi = uapi.ffi
@@ -459,6 +460,42 @@ def test_copies_cross_pinned_windows_at_any_alignment(disks: Disks) -> None:
     assert counters["errors"] == 0 and counters["in_flight"] == counters["queued"] == 0
 
 
+def test_an_xfer_that_cannot_be_written_back_answers_and_takes_nothing(disks: Disks) -> None:
+    """A read-only struct abuse_xfer: -EFAULT before the PUT half answers or the GET half takes."""
+    config = disks.create(16 * MiB)
+    reader = Background(lambda: direct_read(config.path, 0, PAGE))
+    writer = Background(lambda: direct_write(config.path, 8 * PAGE, pattern(14, PAGE)))
+    raw = RawWorker(config.index)
+    arena = Arena(1)
+    try:
+        wait_for(lambda: disks.control.info(config.index).counters["queued"] == 2)
+        raw.xfer.limit = 1
+        (held,) = raw.get()
+        if held.op == uapi.ABUSE_OP_READ:
+            raw.data(held)[:] = pattern(14, PAGE)
+        entry = raw.xfer.replies[0]
+        for name, value in raw.answer(held).items():
+            setattr(entry, name, value)
+        arg = raw.xfer.arg
+        arg.nr_replies, arg.max_requests, arg.flags, arg.timeout_ms = 1, 1, uapi.ABUSE_XFER_NOWAIT, 0
+        readonly = arena.fill_readonly(bytes(ffi.buffer(arg)))
+        put = uapi.ioctls["ABUSE_IOC_PUT"]
+        expect_errno(raw_errno(raw.control.fileno(), put, ffi.cast("void *", readonly)), errno.EFAULT)
+        counters = disks.control.info(config.index).counters
+        assert (counters["in_flight"], counters["queued"], counters["completed"]) == (1, 1, 0)
+        # The same answer from writable memory: the request was still held, and the other still queued.
+        assert raw.put([raw.answer(held)], fetch=True) == [0]
+        (rest,) = raw.fetched
+        if rest.op == uapi.ABUSE_OP_READ:
+            raw.data(rest)[:] = pattern(14, PAGE)
+        assert raw.put([raw.answer(rest)]) == [0]
+        assert reader.join().result == pattern(14, PAGE)
+        assert writer.join().error is None
+    finally:
+        raw.close()
+        arena.close()
+
+
 def _asleep_in_get(task: Background) -> bool:
     return asleep_in_driver(f"/proc/self/task/{task.tid}")
 
@@ -575,6 +612,43 @@ def test_only_the_file_that_took_a_request_answers_it(disks: Disks) -> None:
         assert writer.join().error is None
     finally:
         holder.close()
+
+
+def test_fdinfo_and_debugfs_say_who_holds_which_request(disks: Disks) -> None:
+    config = disks.create(16 * MiB)
+    name = os.path.basename(config.path)
+    reader = Background(lambda: direct_read(config.path, 0, 4096))
+    writer = Background(lambda: direct_write(config.path, 8192, pattern(6, 4096)))
+    holder, idle = RawWorker(config.index), RawWorker(config.index)
+    try:
+        wait_for(lambda: disks.control.info(config.index).counters["queued"] == 2)
+        holder.xfer.limit = 1
+        (taken,) = holder.get()
+        mine, theirs = fdinfo(holder.control.fileno()), fdinfo(idle.control.fileno())
+        assert mine["abuse-disk"] == theirs["abuse-disk"] == config.index
+        assert mine["abuse-worker"] != theirs["abuse-worker"]
+        assert (mine["abuse-held"], theirs["abuse-held"], mine["abuse-fenced"]) == (1, 0, 0)
+        by_state = {r["abuse_state"]: r for r in busy_requests(name)}
+        assert sorted(by_state) == ["held", "queued"], by_state
+        held, queued = by_state["held"], by_state["queued"]
+        assert int(held["abuse_handle"], 16) == taken.handle
+        assert int(held["tag"]) == taken.handle & 0xFFFFFFFF
+        assert int(held["abuse_holder"]) == mine["abuse-worker"]
+        assert int(held["abuse_holder_pid"]) == os.getpid()
+        assert "abuse_holder" not in queued
+        if taken.op == uapi.ABUSE_OP_READ:
+            holder.data(taken)[:] = pattern(6, 4096)
+        assert holder.put([holder.answer(taken)]) == [0]
+        (rest,) = holder.get()
+        if rest.op == uapi.ABUSE_OP_READ:
+            holder.data(rest)[:] = pattern(6, 4096)
+        assert holder.put([holder.answer(rest)]) == [0]
+        assert reader.join().result == pattern(6, 4096)
+        assert writer.join().error is None
+        assert busy_requests(name) == [] and fdinfo(holder.control.fileno())["abuse-held"] == 0
+    finally:
+        holder.close()
+        idle.close()
 
 
 def _flush_device(path: str) -> None:

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from abuse import uapi
 from abuse.control import CONTROL_PATH, Control
 from tests.kernel.faults.hostile import LOW_LIMIT, PAGE, Arena, ioctl, place, pointer
+from tests.kernel.holders import describe_file, describe_tags
 
 # Layouts derived from kernel/abuse.h (one struct code per field, arrays
 # spread), never a second hand-written copy: a field added to the header
@@ -482,7 +483,7 @@ class Fuzzer:
         rng = self.rng
         cmd = rng.choice((GET, PUT))
         ptr = place(rng, self.args, rng.randbytes(XFER.size))
-        want = errno.EBADFD if ptr.readable else errno.EFAULT
+        want = errno.EBADFD if ptr.readable and ptr.writable else errno.EFAULT
         self._call(self.loose.fd, cmd, ptr.address, {want}, "GET/PUT on an unattached file")
 
     def fresh_file(self) -> None:
@@ -633,8 +634,8 @@ class Fuzzer:
         exact: int | None = None
         allowed: set[int] = set()
         answered = False  # the PUT half ran over every entry
-        if not aptr.readable:
-            exact = errno.EFAULT
+        if not aptr.readable or not aptr.writable:
+            exact = errno.EFAULT  # checked first: nothing answered, nothing taken
         elif flags & ~(NOWAIT | MAPPED) or pad or any(reserved) or (not put and nr_replies):
             exact = errno.EINVAL
         elif max_requests and buf + buf_size >= 1 << 64:  # its end does not fit in 64 bits
@@ -645,12 +646,6 @@ class Fuzzer:
             exact = errno.E2BIG
         elif put and nr_replies and not replies_ok:
             exact = errno.EFAULT
-        elif not aptr.writable:
-            # Copying the answer back fails, unless a GET fails first.
-            allowed = {errno.EFAULT}
-            if not put and max_requests:
-                allowed.add(errno.ENOBUFS)
-            answered = put
         elif not max_requests:
             exact = 0
         else:
@@ -669,8 +664,8 @@ class Fuzzer:
         err = self._call(f.fd, cmd, aptr.address, allowed, what)
 
         if answered and nr_replies:
-            self._check_statuses(replies_addr, entries_want, what, entries_about)
-        if err or not aptr.writable or not aptr.readable:
+            self._check_statuses(replies_addr, entries_want, what, entries_about, f)
+        if err:
             return
         out = XFER.unpack(self.args.read(aptr.address, XFER.size))
         nr_requests, nr_accepted = out[6], out[7]
@@ -681,13 +676,24 @@ class Fuzzer:
             self._took(f, qptr.address, nr_requests, buf, buf_size, mapped, what)
 
     def _check_statuses(
-        self, address: int, want: list[int], what: str, about: list[str] | None = None
+        self,
+        address: int,
+        want: list[int],
+        what: str,
+        about: list[str] | None = None,
+        f: File | None = None,
     ) -> None:
         blob = self.replies.read(address, len(want) * REPLY.size)
         got = list(memoryview(blob).cast("i")[6::8])
         if got != want:
             bad = [(i, g, w) for i, (g, w) in enumerate(zip(got, want)) if g != w][:5]
             named = "".join(f"\n  entry {i}: {about[i]}" for i, _, _ in bad) if about else ""
+            if f is not None and f.disk is not None:
+                # What the driver says now of those tags and of this file.
+                handles = memoryview(blob).cast("Q")[:: REPLY.size // 8]
+                tags = {handles[i] & U32 for i, _, _ in bad}
+                named += f"\n  driver: {describe_tags(f'abuse{f.disk.index}', tags)}"
+                named += f"\n  file {f.fd}: {describe_file(f.fd)}"
             raise FuzzFailure(f"call {self.calls}: {what}: entry statuses (index, got, want) {bad}{named}")
 
     def _took(
