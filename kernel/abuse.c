@@ -1144,9 +1144,14 @@ static void abuse_show_rq(struct seq_file *m, struct request *rq)
 	};
 	struct abuse_device *dev = rq->q->queuedata;
 	struct abuse_cmd *cmd = abuse_cmd(rq);
+	unsigned long flags;
 
-	/* A holder stays attached while it holds: release requeues first. */
-	spin_lock_irq(&dev->lock);
+	/*
+	 * Irqsave: blk-mq also shows requests from lists it walks under an
+	 * irq-disabling lock (requeue_list, where flush requests pass).
+	 * A holder stays attached while it holds: release requeues first.
+	 */
+	spin_lock_irqsave(&dev->lock, flags);
 	seq_printf(m, ", .abuse_state=%s", states[cmd->state]);
 	/* A tag's handle names the request the driver has on that tag. */
 	if (cmd->state != ABUSE_CMD_IDLE && dev->rqs[rq->tag] == rq)
@@ -1155,7 +1160,7 @@ static void abuse_show_rq(struct seq_file *m, struct request *rq)
 		seq_printf(m, ", .abuse_holder=%llu, .abuse_holder_pid=%d, .abuse_held_ms=%u",
 			   cmd->holder->id, pid_vnr(cmd->holder->owner),
 			   jiffies_to_msecs(jiffies - cmd->handed_out));
-	spin_unlock_irq(&dev->lock);
+	spin_unlock_irqrestore(&dev->lock, flags);
 }
 #endif
 
