@@ -49,14 +49,24 @@ class RawWorker:
         With ``fetch``, the same call GETs (without waiting): its requests
         are in ``fetched``.
         """
+        self.stage(replies)
+        got = self.xfer.exchange(len(replies), wait=False, fetch=fetch)
+        self.fetched = [self._request(i) for i in range(got)]
+        return [int(self.xfer.replies[i].status) for i in range(len(replies))]
+
+    def stage(self, replies: list[dict[str, int]]) -> None:
+        """Write ``replies`` into the reply array, each entry zeroed first."""
         for i, fields in enumerate(replies):
             entry = self.xfer.replies[i]
             ffi.memmove(ffi.addressof(entry), bytes(ffi.sizeof(entry)), ffi.sizeof(entry))
             for name, value in fields.items():
                 setattr(entry, name, value)
-        got = self.xfer.exchange(len(replies), wait=False, fetch=fetch)
-        self.fetched = [self._request(i) for i in range(got)]
-        return [int(self.xfer.replies[i].status) for i in range(len(replies))]
+
+    def served(self, request: Request, payload: bytes) -> dict[str, int]:
+        """The correct reply to ``request``, a read's data set to ``payload`` first."""
+        if request.op == uapi.ABUSE_OP_READ:
+            self.data(request)[:] = payload
+        return self.answer(request)
 
     def answer(self, request: Request, result: int = 0) -> dict[str, int]:
         """The correct reply to ``request``."""

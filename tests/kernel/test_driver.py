@@ -471,11 +471,8 @@ def test_an_xfer_that_cannot_be_written_back_answers_and_takes_nothing(disks: Di
         wait_for(lambda: disks.control.info(config.index).counters["queued"] == 2)
         raw.xfer.limit = 1
         (held,) = raw.get()
-        if held.op == uapi.ABUSE_OP_READ:
-            raw.data(held)[:] = pattern(14, PAGE)
-        entry = raw.xfer.replies[0]
-        for name, value in raw.answer(held).items():
-            setattr(entry, name, value)
+        answer = raw.served(held, pattern(14, PAGE))
+        raw.stage([answer])
         arg = raw.xfer.arg
         arg.nr_replies, arg.max_requests, arg.flags, arg.timeout_ms = 1, 1, uapi.ABUSE_XFER_NOWAIT, 0
         readonly = arena.fill_readonly(bytes(ffi.buffer(arg)))
@@ -484,11 +481,9 @@ def test_an_xfer_that_cannot_be_written_back_answers_and_takes_nothing(disks: Di
         counters = disks.control.info(config.index).counters
         assert (counters["in_flight"], counters["queued"], counters["completed"]) == (1, 1, 0)
         # The same answer from writable memory: the request was still held, and the other still queued.
-        assert raw.put([raw.answer(held)], fetch=True) == [0]
+        assert raw.put([answer], fetch=True) == [0]
         (rest,) = raw.fetched
-        if rest.op == uapi.ABUSE_OP_READ:
-            raw.data(rest)[:] = pattern(14, PAGE)
-        assert raw.put([raw.answer(rest)]) == [0]
+        assert raw.put([raw.served(rest, pattern(14, PAGE))]) == [0]
         assert reader.join().result == pattern(14, PAGE)
         assert writer.join().error is None
     finally:
@@ -596,10 +591,7 @@ def test_only_the_file_that_took_a_request_answers_it(disks: Disks) -> None:
         wait_for(lambda: disks.control.info(config.index).counters["queued"] == 2)
         taken = holder.get()
         assert sorted(r.op for r in taken) == sorted([uapi.ABUSE_OP_READ, uapi.ABUSE_OP_WRITE])
-        for request in taken:
-            if request.op == uapi.ABUSE_OP_READ:
-                holder.data(request)[:] = pattern(4, 4096)
-        answers = [holder.answer(r) for r in taken]
+        answers = [holder.served(r, pattern(4, 4096)) for r in taken]
         # A live handle answered from another file ends nothing, and a
         # read whose data faults there does not make that file its holder.
         assert other.put(answers) == [-errno.ESTALE] * 2
@@ -636,13 +628,9 @@ def test_fdinfo_and_debugfs_say_who_holds_which_request(disks: Disks) -> None:
         assert int(held["abuse_holder"]) == mine["abuse-worker"]
         assert int(held["abuse_holder_pid"]) == os.getpid()
         assert "abuse_holder" not in queued
-        if taken.op == uapi.ABUSE_OP_READ:
-            holder.data(taken)[:] = pattern(6, 4096)
-        assert holder.put([holder.answer(taken)]) == [0]
+        assert holder.put([holder.served(taken, pattern(6, 4096))]) == [0]
         (rest,) = holder.get()
-        if rest.op == uapi.ABUSE_OP_READ:
-            holder.data(rest)[:] = pattern(6, 4096)
-        assert holder.put([holder.answer(rest)]) == [0]
+        assert holder.put([holder.served(rest, pattern(6, 4096))]) == [0]
         assert reader.join().result == pattern(6, 4096)
         assert writer.join().error is None
         assert busy_requests(name) == [] and fdinfo(holder.control.fileno())["abuse-held"] == 0
