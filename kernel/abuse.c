@@ -2103,6 +2103,36 @@ static u32 abuse_put_chunk(struct abuse_device *dev, struct abuse_worker *w,
 	return accepted;
 }
 
+/*
+ * Whether each of the @n entries at @ureply can be read and its status
+ * written, found before any is answered: a PUT that failed part way
+ * would leave its caller not knowing which answers were taken.  Each
+ * entry's first and last words are read (an entry spans two pages at
+ * most) and its status written back unchanged.  Only a thread that
+ * unmaps the array meanwhile can still make a PUT fail part way.
+ */
+static int abuse_replies_reachable(struct abuse_reply __user *ureply, u32 n)
+{
+	u64 first;
+	u32 last;
+	s32 status;
+	u32 i;
+
+	if (!user_access_begin(ureply, (size_t)n * sizeof(*ureply)))
+		return -EFAULT;
+	for (i = 0; i < n; i++) {
+		unsafe_get_user(first, &ureply[i].handle, efault);
+		unsafe_get_user(last, &ureply[i].__reserved, efault);
+		unsafe_get_user(status, &ureply[i].status, efault);
+		unsafe_put_user(status, &ureply[i].status, efault);
+	}
+	user_access_end();
+	return 0;
+efault:
+	user_access_end();
+	return -EFAULT;
+}
+
 /* The PUT half: answer x->nr_replies entries, each with its own status. */
 static int abuse_put(struct abuse_device *dev, struct abuse_worker *w,
 		     struct abuse_xfer *x)
@@ -2112,6 +2142,8 @@ static int abuse_put(struct abuse_device *dev, struct abuse_worker *w,
 	u32 done, i, count;
 
 	x->nr_accepted = 0;
+	if (x->nr_replies && abuse_replies_reachable(ureply, x->nr_replies))
+		return -EFAULT;
 	for (done = 0; done < x->nr_replies; done += count) {
 		count = min_t(u32, x->nr_replies - done, ABUSE_PUT_CHUNK);
 		if (copy_from_user(chunk, &ureply[done],

@@ -209,7 +209,8 @@ struct abuse_reply {
  * buffer whose end, @buffer + @buffer_size, does not fit in 64 bits is
  * refused: -EINVAL.  A struct abuse_xfer that cannot be both read and
  * written is -EFAULT before anything else, with nothing answered or
- * taken.
+ * taken; so is a PUT whose @replies cannot all be read, or their
+ * statuses written.
  *
  * With ABUSE_XFER_MAPPED, @buffer is the whole disk, mapped (a memory
  * backend's mapping, say): a request at byte offset O has its data at

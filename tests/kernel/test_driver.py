@@ -491,6 +491,51 @@ def test_an_xfer_that_cannot_be_written_back_answers_and_takes_nothing(disks: Di
         arena.close()
 
 
+def test_a_put_whose_replies_cannot_all_be_read_and_written_answers_nothing(disks: Disks) -> None:
+    """-EFAULT before any answer: replies in a read-only page, or running into an unmapped one.
+
+    The second array's first 16-entry chunk is whole, with the right
+    answer first: a PUT that answered chunk by chunk would end the
+    request there, then fail, and not say which it took.
+    """
+    config = disks.create(16 * MiB)
+    writer = Background(lambda: direct_write(config.path, 0, pattern(16, PAGE)))
+    raw = RawWorker(config.index)
+    arena = Arena(1)
+    put = uapi.ioctls["ABUSE_IOC_PUT"]
+    entry_size = ffi.sizeof("struct abuse_reply")
+    untouched = 0x5A5A5A5A  # every status before the call: unchanged by a refused PUT
+    try:
+        wait_for(lambda: disks.control.info(config.index).counters["queued"] == 1)
+        (held,) = raw.get()
+        assert held.op == uapi.ABUSE_OP_WRITE  # nothing to copy: only the array can refuse it
+        replies = ffi.new("struct abuse_reply[17]")
+        for i, entry in enumerate(replies):
+            entry.handle = held.handle if i == 0 else (0x80000000 | i) << 32 | i
+            entry.length = held.length
+            entry.status = untouched
+        blob = bytes(ffi.buffer(replies))
+        readonly = arena.fill_readonly(blob[:entry_size])
+        into_guard = arena.guard - 16 * entry_size  # entry 16 lies in the guard page
+        arena.write(into_guard, blob[: 16 * entry_size])
+        arg = raw.xfer.arg
+        for address, count in ((readonly, 1), (into_guard, 17)):
+            arg.replies, arg.nr_replies, arg.max_requests = address, count, 0
+            arg.flags, arg.timeout_ms = uapi.ABUSE_XFER_NOWAIT, 0
+            expect_errno(raw_errno(raw.control.fileno(), put, arg), errno.EFAULT)
+            counters = disks.control.info(config.index).counters
+            assert (counters["in_flight"], counters["completed"], counters["rejected"]) == (1, 0, 0)
+        statuses = memoryview(arena.read(into_guard, 16 * entry_size)).cast("i")[6::8]
+        assert list(statuses) == [untouched] * 16
+        # Still held by this file: the same answer from a whole array is taken.
+        arg.replies = int(ffi.cast("uintptr_t", raw.xfer.replies))
+        assert raw.put([raw.answer(held)]) == [0]
+        assert writer.join().error is None
+    finally:
+        raw.close()
+        arena.close()
+
+
 def _asleep_in_get(task: Background) -> bool:
     return asleep_in_driver(f"/proc/self/task/{task.tid}")
 

@@ -55,6 +55,7 @@ PUT = IOC["ABUSE_IOC_PUT"]
 RESET = IOC["ABUSE_IOC_RESET"]
 
 MAX_BATCH = uapi.ABUSE_MAX_BATCH
+UNTOUCHED = 0x5A5A5A5A  # a PUT entry's status before the call: a refused PUT leaves it so
 NOWAIT = uapi.ABUSE_XFER_NOWAIT
 MAPPED = uapi.ABUSE_XFER_MAPPED
 MAX_ERRNO = 4095
@@ -222,14 +223,14 @@ class Fuzzer:
         """Every batch size from 0 past ABUSE_MAX_BATCH, arrays ending at a guard page.
 
         PUT n never-issued handles: all -ESTALE, none accepted.  The same
-        array one entry short of its end: -EFAULT, with every complete
-        16-entry chunk before the fault answered.  GET n on the idle spare
-        disk: 0 descriptors.  Past the limit: -E2BIG.
+        array one entry short of its end: -EFAULT, with nothing answered
+        (every status as it was).  GET n on the idle spare disk: 0
+        descriptors.  Past the limit: -E2BIG.
         """
         spare = self._attached(self.spare)
         depth = self.busy.queue_depth
         never = ((0x80000000 | i) << 32 | i % (2 * depth) for i in range(MAX_BATCH))
-        blob = b"".join(REPLY.pack(handle, 0, 4096, 0, 0x5A5A5A5A, 0) for handle in never)
+        blob = b"".join(REPLY.pack(handle, 0, 4096, 0, UNTOUCHED, 0) for handle in never)
         want_all = [-errno.ESTALE] * MAX_BATCH
         requests_end = self.requests.guard
         xfer = self.args.base
@@ -244,8 +245,8 @@ class Fuzzer:
                 self._call(self.bound.fd, PUT, xfer, {want}, f"sweep PUT {n} short {short}")
                 if big:
                     continue
-                answered = k if not short else (k - 1) // 16 * 16
-                self._check_statuses(start, want_all[:answered], f"sweep PUT {n} short {short}")
+                want = want_all[:k] if not short else [UNTOUCHED] * (k - 1)
+                self._check_statuses(start, want, f"sweep PUT {n} short {short}")
                 if not short:
                     assert XFER.unpack(self.args.read(xfer, XFER.size))[7] == 0
             requests = requests_end - k * REQUEST.size
