@@ -21,7 +21,7 @@ import pytest
 from abuse.backends import Backend, check_spec, open_backend
 from abuse.backends.rbd import split_rbd_argument
 from abuse.pool import Pool, worker_ready
-from tests.ceph import Cluster, start_cluster
+from tests.ceph import POOL, Cluster, start_cluster
 
 MiB = 1 << 20
 ROOT = Path(__file__).resolve().parent.parent
@@ -169,6 +169,47 @@ def test_fence_blocklists_a_client(cluster: Cluster) -> None:
             buf = bytearray(4096)
             new.read(0, memoryview(buf))
             assert buf == b"o" * 4096
+
+
+def test_fence_waits_until_the_osds_have_the_blocklist(cluster: Cluster) -> None:
+    """A stopped OSD cannot have the new map: fence says so in the spec's timeout, and returns once it can."""
+    image = cluster.create_image("fence-wait", "8M")
+    spec = cluster.spec(image, timeout="3")
+    osd = int((cluster.dir / "run" / "osd.0.pid").read_text())
+    with open_backend(spec, 8 * MiB) as supervisor, open_backend(spec, 8 * MiB) as old:
+        identity = old.open_worker()
+        os.kill(osd, signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            with pytest.raises(OSError) as late:
+                supervisor.fence(identity)
+            assert late.value.errno == errno.ETIMEDOUT
+            assert "osd.0 did not get OSD map" in str(late.value)
+            assert time.monotonic() - started < 3 + 10  # the spec's timeout, plus one command's slack
+        finally:
+            os.kill(osd, signal.SIGCONT)
+        assert identity in cluster.blocklist()  # the entry is in; only its reach was not confirmed
+        supervisor.fence(identity)  # the OSD runs again: confirmed
+        with pytest.raises(OSError) as refused:
+            old.write(0, memoryview(b"s" * 4096))
+        assert refused.value.errno == errno.ESHUTDOWN
+
+
+def test_fence_by_a_client_with_rbd_caps_only_warns_that_it_cannot_ask_the_osds(
+    cluster: Cluster, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The caps the README gives (profile rbd) allow the blocklist, not OSD commands."""
+    image = cluster.create_image("fence-caps", "8M")
+    keyring = cluster.dir / "client.rbdonly.keyring"
+    if not keyring.exists():
+        cluster.ceph("auth", "get-or-create", "client.rbdonly", "mon", "profile rbd",
+                     "osd", f"profile rbd pool={POOL}", "-o", str(keyring))  # fmt: skip
+    spec = cluster.spec(image, id="rbdonly", keyring=str(keyring))
+    with open_backend(spec, 8 * MiB) as supervisor, open_backend(cluster.spec(image), 8 * MiB) as old:
+        identity = old.open_worker()
+        supervisor.fence(identity)
+        assert identity in cluster.blocklist()
+    assert "cannot ask osd.0 for its OSD map" in caplog.text
 
 
 def test_forked_workers_have_their_own_client_and_fence_alone(cluster: Cluster) -> None:

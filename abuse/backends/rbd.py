@@ -25,9 +25,10 @@ forks; each worker connects and opens the image in
 client address (``get_addrs()``, ``IP:PORT/NONCE``) as its fencing
 identity.  When the pool gives up on a silent worker it calls
 :meth:`RbdBackend.fence` first, which blocklists that address (``osd
-blocklist add``) before the worker is killed and its requests go to
-another worker: a write of its that is still on its way is refused by
-the OSDs (EBLOCKLISTED, which is ESHUTDOWN).  The entry is not removed
+blocklist add``) and waits until the OSDs have the new map, before the
+worker is killed and its requests go to another worker: a write of its
+that is still on its way is refused by the OSDs (EBLOCKLISTED, which is
+ESHUTDOWN).  The entry is not removed
 when the worker is reaped (a write of the dead process may still sit in
 a socket buffer on its way); it expires after :data:`FENCE_EXPIRE`
 seconds, and no later client has that address.
@@ -45,8 +46,10 @@ from __future__ import annotations
 import errno
 import json
 import logging
+import math
 import os
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote
@@ -439,7 +442,15 @@ class RbdBackend(Backend):
     # --- in the supervisor ---------------------------------------------------
 
     def fence(self, identity: str) -> None:
-        """Blocklist the client ``identity``: the OSDs refuse its operations from now on.
+        """Blocklist the client ``identity``; return once the OSDs refuse its operations.
+
+        The monitors put the entry in a new OSD map, but an OSD refuses the
+        client only once it has that map.  Until then a write of the fenced
+        worker's still on its way could land after a newer one that another
+        worker, whose own map is as old, sent to the same OSD.  So this
+        waits, up to the spec's ``timeout``, until every OSD that is up
+        reports that map (:func:`_wait_for_osds`), and raises OSError
+        (ETIMEDOUT) if one does not.
 
         The entry expires after :data:`FENCE_EXPIRE` seconds; the address
         holds a random nonce, so no later client has it.
@@ -448,7 +459,40 @@ class RbdBackend(Backend):
         session = _Session(self.target, open_image=False)
         try:
             code, _, status = session.cluster.mon_command(json.dumps(command), b"")
+            if code < 0:
+                raise OSError(-code, f"osd blocklist add {identity}: {status or os.strerror(-code)}")
+            _wait_for_osds(session.cluster, f"osd blocklist add {identity}", self.target.timeout)
         finally:
             session.close()
-        if code < 0:
-            raise OSError(-code, f"osd blocklist add {identity}: {status or os.strerror(-code)}")
+
+
+def _wait_for_osds(cluster: Any, what: str, timeout: int) -> None:
+    """Return once every OSD that is up has the cluster's newest OSD map.
+
+    Asks each (``tell osd.N status``: its ``newest_map``), again every
+    10 ms, for at most ``timeout`` seconds in all.  A client whose caps
+    do not allow OSD commands (``profile rbd`` has none) cannot know:
+    it logs a warning and returns, the entry made but its reach not
+    confirmed (a write still on its way is then refused only once the
+    OSDs have the map, within milliseconds on a healthy cluster).
+    """
+    code, out, status = cluster.mon_command(json.dumps({"prefix": "osd dump", "format": "json"}), b"")
+    if code < 0:
+        raise OSError(-code, f"{what}: osd dump: {status or os.strerror(-code)}")
+    dump = json.loads(out)
+    epoch = int(dump["epoch"])
+    waiting = [int(osd["osd"]) for osd in dump["osds"] if osd["up"]]
+    deadline = time.monotonic() + timeout
+    while waiting:
+        osd = waiting[0]
+        left = max(1, math.ceil(deadline - time.monotonic()))
+        code, out, status = cluster.osd_command(osd, json.dumps({"prefix": "status"}), b"", left)
+        if code in (-errno.EACCES, -errno.EPERM):
+            log.warning("%s: cannot ask osd.%d for its OSD map (%s): not waiting for it", what, osd, status)
+            return
+        if code == 0 and int(json.loads(out)["newest_map"]) >= epoch:
+            waiting.pop(0)
+            continue
+        if time.monotonic() >= deadline:
+            raise OSError(errno.ETIMEDOUT, f"{what}: osd.{osd} did not get OSD map {epoch} in {timeout} s")
+        time.sleep(0.01)
