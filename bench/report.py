@@ -3,7 +3,8 @@
     python -m bench.report RAW_DIR [--results bench/results] [--readme README.md]
 
 RAW_DIR holds raw.json (bench.guest) and, optionally, host-load-before
-and host-load-after (copies of the host's /proc/loadavg).  Writes
+and host-load-after (copies of the host's /proc/loadavg) and host-speed
+(bench/run's probe: seconds of a fixed Python loop on the host).  Writes
 RESULTS/<date>-<kernel>.md, .json, .png and -scaling.png, and, with
 --readme, replaces README's Benchmarks block with the new summary.
 """
@@ -565,7 +566,9 @@ def _load(meta: dict[str, Any]) -> str:
     # The guest's two emulated CPUs alone hold the host's load near 2 while
     # they are busy, so "after" says little; "before" tells whether the host
     # was idle.
-    return f"host loadavg before `{before}`, after `{after}` (the guest's own vCPUs count in it)"
+    load = f"host loadavg before `{before}`, after `{after}` (the guest's own vCPUs count in it)"
+    speed = meta.get("host_speed")
+    return f"{load}; host speed probe {speed} s (bench/run: lower is faster)" if speed else load
 
 
 def markdown(raw: dict[str, Any], rows: list[Row], images: tuple[str, str] | None = None) -> str:
@@ -942,6 +945,9 @@ def main(argv: list[str] | None = None) -> int:
         path = args.raw_dir / f"host-load-{when}"
         if path.exists():
             raw[f"host_load_{when}"] = " ".join(path.read_text().split()[:3])
+    speed = args.raw_dir / "host-speed"
+    if speed.exists():
+        raw["host_speed"] = speed.read_text().strip()
     rows = rows_from_raw(raw)
     stem = f"{raw['date'][:16].replace(' ', '-').replace(':', '')}-{raw['kernel']}"
     args.results.mkdir(parents=True, exist_ok=True)

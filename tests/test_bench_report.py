@@ -145,6 +145,7 @@ def test_main_writes_markdown_json_charts_and_readme(tmp_path: Path) -> None:
     raw_dir.mkdir()
     (raw_dir / "raw.json").write_text(json.dumps(raw_result({"abuse-mem-1w": 0.5, "loop": 1.0})))
     (raw_dir / "host-load-before").write_text("0.01 0.02 0.03 1/100 42\n")
+    (raw_dir / "host-speed").write_text("0.93\n")
     readme = tmp_path / "README.md"
     start, end = (marker.format(series="6.1") for marker in (report.README_START, report.README_END))
     other = "<!-- bench:start 6.12 -->\nkept\n<!-- bench:end 6.12 -->\n"
@@ -155,6 +156,8 @@ def test_main_writes_markdown_json_charts_and_readme(tmp_path: Path) -> None:
     stem = "2026-01-02-0304-6.1.0-test"
     document = json.loads((results / f"{stem}.json").read_text())
     assert document["host_load_before"] == "0.01 0.02 0.03"
+    assert document["host_speed"] == "0.93"
+    assert "host speed probe 0.93 s" in (results / f"{stem}.md").read_text()
     assert document["summary"][0]["4k QD1 IOPS"]["vs_loop"] == pytest.approx(0.5)
     assert len(document["runs"]) == 2 * len(JOBS) + 2 + 2 * len(BATCH_JOBS)
     assert list(document["batching"]) == ["1", "64"]
