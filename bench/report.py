@@ -699,17 +699,18 @@ DISPATCH_COLUMNS = [
 def dispatch(raw: dict[str, Any]) -> list[dict[str, Any]]:
     """What the driver did in the worker-scaling runs, per 1,000 requests.
 
-    Per worker-scaling disk and 4k job, the median over the rounds of the
-    counters of each DISPATCH_COLUMNS column (the disk's sysfs
-    abuse/dispatch, read before and after each run by bench.guest).
+    Per worker-scaling disk and job (the 1M sequential ones included), the
+    median over the rounds of the counters of each DISPATCH_COLUMNS column
+    (the disk's sysfs abuse/dispatch, read before and after each run by
+    bench.guest).
     wake-ups counts the lazy ones asked for, some of which find nobody
     asleep.  Empty for a raw from before the counters were recorded.
     """
-    small = {job.name for job in SCALE_JOBS if not job.sequential}
+    scaled = {job.name for job in SCALE_JOBS}
     per_run: dict[tuple[str, str], list[dict[str, float]]] = {}
     for run in raw["runs"]:
         counters = run.get("dispatch")
-        if not counters or not run["target"].startswith(SCALE_PREFIX) or run["job"] not in small:
+        if not counters or not run["target"].startswith(SCALE_PREFIX) or run["job"] not in scaled:
             continue
         job = run["fio"]["jobs"][0]
         ios = sum(job[side]["total_ios"] for side in ("read", "write"))

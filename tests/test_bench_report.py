@@ -439,11 +439,14 @@ def test_dispatch_counts_what_the_driver_did_per_thousand_requests(tmp_path: Pat
         raw["runs"].append(run)
     one = _run("scale-abuse-mem-1w", "seqread-1M-qd4", 1.0)
     one["dispatch"] = {"sleeps": 5}
-    raw["runs"] += [one, _run("scale-loop", "randread-4k-qd32", 1.0)]  # 1M and loop: not in the table
+    big_ios = one["fio"]["jobs"][0]["read"]["total_ios"]
+    raw["runs"] += [one, _run("scale-loop", "randread-4k-qd32", 1.0)]  # loop has no counters
     entries = report.dispatch(raw)
     assert [(e["target"], e["job"], e["rounds"]) for e in entries] == [
-        ("scale-abuse-mem-2w", "randread-4k-qd32", 3)
+        ("scale-abuse-mem-2w", "randread-4k-qd32", 3),
+        ("scale-abuse-mem-1w", "seqread-1M-qd4", 1),
     ]
+    assert entries[1]["sleeps"] == pytest.approx(1000 * 5 / big_ios)
     assert entries[0]["wake-ups"] == pytest.approx(20.0, abs=0.1)  # the median of 10, 30 and 20 per 1,000
     assert entries[0]["sleeps"] == pytest.approx(30.0, abs=0.1)
     assert entries[0]["GETs with a batch"] == pytest.approx(100.0, abs=0.1)
