@@ -1854,7 +1854,7 @@ static int abuse_get(struct abuse_device *dev, struct abuse_worker *w,
 	long wait = MAX_SCHEDULE_TIMEOUT;
 	u64 used = 0, payload = 0, waiting = 0;
 	struct abuse_cmd *head;
-	bool leftover, deferred;
+	bool leftover, deferred, woken = false;
 	u32 n = 0;
 	int ret = 0;
 
@@ -1900,6 +1900,22 @@ static int abuse_get(struct abuse_device *dev, struct abuse_worker *w,
 			if (ret <= 0 || ret < ABUSE_GET_CHUNK)
 				break;
 		}
+		/*
+		 * Woken, we have now looked at the queue: from here the next
+		 * request wakes another sleeper if need be.  Cleared after
+		 * the take, not when the sleep ends: a request queued in
+		 * between is taken with this batch, and would otherwise wake
+		 * a second worker for the same burst.  Either queue_rq sees
+		 * the bit clear and wakes a sleeper, or the check for work
+		 * left behind below (or the look before sleeping) sees its
+		 * request.
+		 */
+		if (woken) {
+			clear_bit(ABUSE_DEV_WAKING, &dev->flags);
+			/* Pairs with llist_add(), then test_and_set_bit(), in queue_rq. */
+			smp_mb__after_atomic();
+			woken = false;
+		}
 		if (n || ret < 0)
 			break;
 		if (!wait)
@@ -1917,12 +1933,10 @@ static int abuse_get(struct abuse_device *dev, struct abuse_worker *w,
 		else if (abuse_spin_for_work(dev, w))
 			continue;
 		wait = abuse_wait_work(dev, w, wait, deferred);
-		/*
-		 * Woken (or not: a hint), we look at the queue next: from
-		 * here the next request wakes another sleeper if need be.
-		 */
-		clear_bit(ABUSE_DEV_WAKING, &dev->flags);
+		/* Woken (or not: a hint), we look at the queue next. */
+		woken = true;
 		if (wait < 0) {
+			clear_bit(ABUSE_DEV_WAKING, &dev->flags);
 			ret = wait;
 			break;
 		}
