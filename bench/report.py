@@ -568,7 +568,13 @@ def _load(meta: dict[str, Any]) -> str:
     # was idle.
     load = f"host loadavg before `{before}`, after `{after}` (the guest's own vCPUs count in it)"
     speed = meta.get("host_speed")
-    return f"{load}; host speed probe {speed} s (bench/run: lower is faster)" if speed else load
+    if speed:
+        load = f"{load}; host speed probe {speed} s (bench/speed.py: lower is faster)"
+    if "guest_speed_before" in meta:
+        # The guest's own figure tells a slow boot apart: the host's may not move.
+        before, after = meta["guest_speed_before"], meta.get("guest_speed_after", "?")
+        load = f"{load}; the same loop in the guest {before} s before the jobs, {after} s after"
+    return load
 
 
 def markdown(raw: dict[str, Any], rows: list[Row], images: tuple[str, str] | None = None) -> str:

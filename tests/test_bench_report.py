@@ -143,7 +143,9 @@ def test_batching_reports_iops_and_cpu_per_request_by_batch_size() -> None:
 def test_main_writes_markdown_json_charts_and_readme(tmp_path: Path) -> None:
     raw_dir = tmp_path / "raw"
     raw_dir.mkdir()
-    (raw_dir / "raw.json").write_text(json.dumps(raw_result({"abuse-mem-1w": 0.5, "loop": 1.0})))
+    raw = raw_result({"abuse-mem-1w": 0.5, "loop": 1.0})
+    raw.update(guest_speed_before=4.56, guest_speed_after=7.89)
+    (raw_dir / "raw.json").write_text(json.dumps(raw))
     (raw_dir / "host-load-before").write_text("0.01 0.02 0.03 1/100 42\n")
     (raw_dir / "host-speed").write_text("0.93\n")
     readme = tmp_path / "README.md"
@@ -157,7 +159,9 @@ def test_main_writes_markdown_json_charts_and_readme(tmp_path: Path) -> None:
     document = json.loads((results / f"{stem}.json").read_text())
     assert document["host_load_before"] == "0.01 0.02 0.03"
     assert document["host_speed"] == "0.93"
-    assert "host speed probe 0.93 s" in (results / f"{stem}.md").read_text()
+    header = (results / f"{stem}.md").read_text()
+    assert "host speed probe 0.93 s" in header
+    assert "the same loop in the guest 4.56 s before the jobs, 7.89 s after" in header
     assert document["summary"][0]["4k QD1 IOPS"]["vs_loop"] == pytest.approx(0.5)
     assert len(document["runs"]) == 2 * len(JOBS) + 2 + 2 * len(BATCH_JOBS)
     assert list(document["batching"]) == ["1", "64"]

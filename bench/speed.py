@@ -1,0 +1,30 @@
+"""The rig's speed of the moment: seconds for a fixed Python loop.
+
+The same emulated guest ran at a fifth of its usual speed on some days
+with the host idle, and the host's own speed says little of it.  So the
+loop runs on the host (bench/run, before the boot) and in the guest
+(bench/guest.py, before and after the jobs); the report prints all
+three, and the guest's figure tells a slow boot apart from a slow host.
+``python -m bench.speed`` prints the seconds.
+"""
+
+from __future__ import annotations
+
+import time
+
+__all__ = ["python_loop_seconds"]
+
+LOOP_ADDITIONS = 10_000_000
+
+
+def python_loop_seconds() -> float:
+    """Seconds for LOOP_ADDITIONS additions in a Python loop (lower is faster)."""
+    start = time.perf_counter()
+    total = 0
+    for i in range(LOOP_ADDITIONS):
+        total += i
+    return time.perf_counter() - start
+
+
+if __name__ == "__main__":
+    print(f"{python_loop_seconds():.2f}")
