@@ -175,10 +175,12 @@ struct abuse_worker {
 	 */
 	u64 cycle_blocks;
 	u32 batch_max;			/* its last GET's max_requests; a hint */
-	/* EWMA of its waits for work (the polling budget); racy between
+	/* EWMA of its waits for work, each until the next request came,
+	 * not until we woke to take it (the polling budget); racy between
 	 * threads sharing the file: a hint
 	 */
 	u64 gap_ns;
+	u64 arrived_ns;	/* queued_ns of its GET's first request (dev->lock) */
 };
 
 /*
@@ -1597,6 +1599,8 @@ static int abuse_get_chunk(struct abuse_device *dev, struct abuse_worker *w,
 			}
 			data = need ? x->buffer + *used : 0;
 		}
+		if (!*n && !taken)
+			w->arrived_ns = cmd->queued_ns;
 		abuse_set_state(dev, rq, ABUSE_CMD_BUSY);
 		dev->gens[rq->tag]++;
 		cmd->holder = w;
@@ -1703,7 +1707,11 @@ static bool abuse_has_work(struct abuse_device *dev)
  * that.  The budget is twice this worker's recent waits (gap_ns), at
  * most spin_max_us, and nothing once they average more than that, so a
  * disk that goes idle stops polling on its own; one poller per disk,
- * and never past need_resched() or a signal.
+ * and never past need_resched() or a signal.  A wait counts until the
+ * request came (abuse_note_gap), not until a sleeper woke to take it:
+ * otherwise the wake-up's own latency lengthened every wait after a
+ * sleep, and on a slow machine one stretch of sleeps kept polling off
+ * for good.
  *
  * Only while no other task waits for this CPU (single_task_running(),
  * as KVM's halt polling does): at queue depth 1 the task woken here is
@@ -1833,7 +1841,13 @@ static long abuse_wait_work(struct abuse_device *dev, struct abuse_worker *w,
 	return timeout;
 }
 
-/* Fold one wait for work, @ns long, into @w's polling budget. */
+/*
+ * Fold one wait for work, @ns long, into @w's polling budget: from the
+ * GET finding the queue empty to the arrival of the request it then
+ * took (queued_ns, stamped by queue_rq on the submitter's CPU;
+ * local_clock() is close enough across CPUs for a hint), or to the
+ * timeout if none came.
+ */
 static void abuse_note_gap(struct abuse_worker *w, u64 ns)
 {
 	u64 cap = 4ULL * READ_ONCE(spin_max_us) * NSEC_PER_USEC;
@@ -1942,7 +1956,8 @@ static int abuse_get(struct abuse_device *dev, struct abuse_worker *w,
 		}
 	}
 	if (waiting)
-		abuse_note_gap(w, abuse_ns_since(waiting, local_clock()));
+		abuse_note_gap(w, abuse_ns_since(waiting, n ? w->arrived_ns :
+							 local_clock()));
 	/* With a batch, busy since its first take (abuse_get_chunk). */
 	if (n) {
 		abuse_count(dev, ABUSE_DS_BATCHES, 1);

@@ -17,6 +17,7 @@ import os
 import select
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -613,6 +614,90 @@ def test_get_polls_only_while_no_other_task_waits_for_its_cpu(disks: Disks) -> N
             hog.kill()
             hog.wait()
         assert batches >= POLLED_READS and polls == 0
+
+
+# The late wake-up test: the polling bound (spin_max_us), how long a
+# SCHED_FIFO task keeps a woken worker off its CPU (far longer than the
+# bound), and how many such wake-ups: enough that, were each counted as
+# a wait of that length, the average would stay over the bound.
+LATE_SPIN_MAX_US = 50_000
+LATE_WAKE_S = 0.2
+LATE_WAKES = 12
+
+# Holds CPU ``cpu`` at SCHED_FIFO for ``seconds`` per byte read from stdin,
+# after writing a byte back (it is on the CPU now).
+_CPU_HOLDER = """
+import os, sys, time
+os.sched_setaffinity(0, {{{cpu}}})
+os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(1))
+while sys.stdin.buffer.read(1):
+    sys.stdout.buffer.write(b"!")
+    sys.stdout.flush()
+    end = time.monotonic() + {seconds}
+    while time.monotonic() < end:
+        pass
+"""
+
+
+def test_a_late_wake_up_does_not_turn_polling_off(disks: Disks) -> None:
+    """A GET's polling budget counts each wait until the request came, not until the worker ran.
+
+    LATE_WAKES times, a read comes a moment after the worker fell asleep
+    in GET, while a SCHED_FIFO task holds the worker's CPU for
+    LATE_WAKE_S: the worker takes each request that long after it came.
+    Counted until the worker ran, those waits (each longer than
+    spin_max_us) turned polling off, as slow wake-ups did on a slow
+    machine; counted until the request came, they are short, and the
+    next GET that finds the queue empty polls.
+    """
+    assert len(os.sched_getaffinity(0)) >= 2, "the guest needs two CPUs"
+    config = disks.create(LATE_WAKES * PAGE, timeout_ms=LONG_TIMEOUT_MS)
+    dev = f"/dev/abuse{config.index}"
+    me = f"/proc/self/task/{threading.get_native_id()}"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _CPU_HOLDER.format(cpu=1, seconds=LATE_WAKE_S)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+    )
+    assert holder.stdin is not None and holder.stdout is not None
+    hold_in, hold_out = holder.stdin, holder.stdout
+
+    def late_reads() -> None:
+        os.sched_setaffinity(0, {0})
+        for block in range(LATE_WAKES):
+            # The worker's own GET has found nothing and sleeps: from now on
+            # its wait counts.  Looked at every millisecond, so that the
+            # request comes well within the bound.
+            while not asleep_in_driver(me):
+                time.sleep(0.001)
+            hold_in.write(b"x")
+            hold_in.flush()
+            assert hold_out.read(1) == b"!"
+            direct_read(dev, block * PAGE, PAGE)
+
+    worker = RawWorker(config.index)
+    old_cpus = os.sched_getaffinity(0)
+    try:
+        with module_parameter("spin_max_us", str(LATE_SPIN_MAX_US)):
+            os.sched_setaffinity(0, {1})
+            reads = Background(late_reads)
+            for _ in range(LATE_WAKES):
+                got = worker.get(wait=True, wait_ms=LONG_TIMEOUT_MS)
+                assert len(got) == 1
+                worker.put([worker.answer(got[0])])
+                # A break before the next GET, so that the FIFO task holds
+                # the CPU well under the kernel's RT limit (950 ms a second).
+                time.sleep(LATE_WAKE_S / 2)
+            assert reads.join().error is None
+            before = _dispatch(config.index)
+            assert worker.get(wait=True, wait_ms=1000) == []
+            polls = _dispatch(config.index)["polls"] - before["polls"]
+    finally:
+        os.sched_setaffinity(0, old_cpus)
+        holder.kill()
+        holder.wait()
+        worker.close()
+    assert polls == 1
 
 
 def test_interrupted_get_restarts_for_sa_restart_handlers(disks: Disks) -> None:
