@@ -697,7 +697,7 @@ def test_a_late_wake_up_does_not_turn_polling_off(disks: Disks) -> None:
         holder.kill()
         holder.wait()
         worker.close()
-    assert polls == 1
+    assert polls >= 1  # waits counted to the take (before 672faa3): 0
 
 
 def test_interrupted_get_restarts_for_sa_restart_handlers(disks: Disks) -> None:
