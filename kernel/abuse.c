@@ -180,7 +180,6 @@ struct abuse_worker {
 	 * threads sharing the file: a hint
 	 */
 	u64 gap_ns;
-	u64 arrived_ns;	/* queued_ns of its GET's first request (dev->lock) */
 };
 
 /*
@@ -1531,7 +1530,8 @@ static bool abuse_defer(struct abuse_device *dev, struct abuse_worker *w)
  * taking dev->lock twice for all of them: once to take them from the
  * queue, once to mark them in flight after their payloads were copied.
  * *@payload counts the data this GET took; past share_kib it
- * leaves the rest to a sleeper, if there is one.
+ * leaves the rest to a sleeper, if there is one.  *@arrived gets the
+ * queued_ns of the GET's first request (abuse_note_gap).
  * Returns how many were delivered (*@n grows by as many), 0 if nothing
  * is queued or fits, or if it left the queue to the lead (*@deferred
  * set; only if @deferred is not NULL), -EAGAIN if all it took were
@@ -1540,7 +1540,7 @@ static bool abuse_defer(struct abuse_device *dev, struct abuse_worker *w)
  */
 static int abuse_get_chunk(struct abuse_device *dev, struct abuse_worker *w,
 			   struct abuse_xfer *x, u32 *n, u64 *used,
-			   u64 *payload, bool *deferred)
+			   u64 *payload, u64 *arrived, bool *deferred)
 {
 	struct abuse_request __user *udesc = u64_to_user_ptr(x->requests);
 	u64 __user *utokens = u64_to_user_ptr(x->tokens);
@@ -1600,7 +1600,7 @@ static int abuse_get_chunk(struct abuse_device *dev, struct abuse_worker *w,
 			data = need ? x->buffer + *used : 0;
 		}
 		if (!*n && !taken)
-			w->arrived_ns = cmd->queued_ns;
+			*arrived = cmd->queued_ns;
 		abuse_set_state(dev, rq, ABUSE_CMD_BUSY);
 		dev->gens[rq->tag]++;
 		cmd->holder = w;
@@ -1866,7 +1866,7 @@ static int abuse_get(struct abuse_device *dev, struct abuse_worker *w,
 {
 	struct pid *me = task_tgid(current);
 	long wait = MAX_SCHEDULE_TIMEOUT;
-	u64 used = 0, payload = 0, waiting = 0;
+	u64 used = 0, payload = 0, waiting = 0, arrived = 0;
 	struct abuse_cmd *head;
 	bool leftover, deferred, woken = false;
 	u32 n = 0;
@@ -1906,7 +1906,7 @@ static int abuse_get(struct abuse_device *dev, struct abuse_worker *w,
 		deferred = false;
 		while (n < x->max_requests) {
 			/* Only a GET that may wait leaves work to the lead. */
-			ret = abuse_get_chunk(dev, w, x, &n, &used, &payload,
+			ret = abuse_get_chunk(dev, w, x, &n, &used, &payload, &arrived,
 					      wait ? &deferred : NULL);
 			if (ret == -EAGAIN)
 				continue;
@@ -1956,7 +1956,7 @@ static int abuse_get(struct abuse_device *dev, struct abuse_worker *w,
 		}
 	}
 	if (waiting)
-		abuse_note_gap(w, abuse_ns_since(waiting, n ? w->arrived_ns :
+		abuse_note_gap(w, abuse_ns_since(waiting, n ? arrived :
 							 local_clock()));
 	/* With a batch, busy since its first take (abuse_get_chunk). */
 	if (n) {
