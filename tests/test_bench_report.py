@@ -610,3 +610,14 @@ def test_the_guest_refuses_bad_counts_before_it_touches_anything(
         guest.main(["--out", str(tmp_path), *argv])
     assert exc.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_readme_block_nests_under_the_benchmarks_section() -> None:
+    raw = _scaling_raw({1: {}, 2: {}})
+    raw["runs"].append(_run("scale-abuse-mem-1w", "randread-4k-qd32", 3.0))  # a second round
+    block = report.readme_block(raw, report.rows_from_raw(raw), "stem")
+    assert block.startswith(f"### Kernel {raw['kernel']}\n")
+    assert "#### Worker scaling: memory backend" in block
+    assert not [line for line in block.splitlines() if line.startswith("## ")]
+    assert "Rounds" not in block
+    assert "## Rounds" in report.markdown(raw, report.rows_from_raw(raw))  # the full report keeps it
