@@ -55,7 +55,7 @@ from bench.jobs import (
     Job,
 )
 from bench.sleep_ceiling import sleeps_per_second
-from bench.speed import python_loop_seconds
+from bench.speed import SPEED_RUNS, median_loop_seconds
 
 ROOT = Path(__file__).resolve().parents[1]
 TMPFS = Path("/tmp/bench-tmpfs")
@@ -375,7 +375,8 @@ def main(argv: list[str] | None = None) -> int:
         "batch": args.batch,
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
         "guest_loadavg_before": os.getloadavg(),
-        "guest_speed_before": round(python_loop_seconds(), 2),
+        "guest_speed_before": round(median_loop_seconds(), 2),
+        "speed_runs": SPEED_RUNS,
         "runs": [],
     }
     chosen = [name for name in args.only.split(",") if name]
@@ -430,7 +431,7 @@ def main(argv: list[str] | None = None) -> int:
                     failed += _measure(result, name, factory, CEPH_JOBS, args.runtime, fill)
     finally:
         result["guest_loadavg_after"] = os.getloadavg()
-        result["guest_speed_after"] = round(python_loop_seconds(), 2)
+        result["guest_speed_after"] = round(median_loop_seconds(), 2)
         (args.out / "raw.json").write_text(json.dumps(result, indent=1))
         run(["umount", str(TMPFS)])
     return 1 if failed else 0

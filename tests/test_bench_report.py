@@ -162,6 +162,7 @@ def test_main_writes_markdown_json_charts_and_readme(tmp_path: Path) -> None:
     header = (results / f"{stem}.md").read_text()
     assert "host speed probe 0.93 s" in header
     assert "the same loop in the guest 4.56 s before the jobs, 7.89 s after" in header
+    assert "median of" not in header  # a raw from before medians: one timing each
     assert document["summary"][0]["4k QD1 IOPS"]["vs_loop"] == pytest.approx(0.5)
     assert len(document["runs"]) == 2 * len(JOBS) + 2 + 2 * len(BATCH_JOBS)
     assert list(document["batching"]) == ["1", "64"]
@@ -621,3 +622,10 @@ def test_readme_block_nests_under_the_benchmarks_section() -> None:
     assert not [line for line in block.splitlines() if line.startswith("## ")]
     assert "Rounds" not in block
     assert "## Rounds" in report.markdown(raw, report.rows_from_raw(raw))  # the full report keeps it
+
+
+def test_the_header_says_when_the_speed_figures_are_medians() -> None:
+    raw = raw_result({"loop": 1.0})
+    raw.update(guest_speed_before=4.56, guest_speed_after=4.61, speed_runs=3)
+    header = report.markdown(raw, report.rows_from_raw(raw))
+    assert "4.56 s before the jobs, 4.61 s after (each the median of 3 runs)" in header
