@@ -574,9 +574,9 @@ def _load(meta: dict[str, Any]) -> str:
         # The guest's own figure tells a slow boot apart: the host's may not move.
         before, after = meta["guest_speed_before"], meta.get("guest_speed_after", "?")
         load = f"{load}; the same loop in the guest {before} s before the jobs, {after} s after"
-    if "speed_runs" in meta:
-        # Since 2026-12-05 each figure is a median; older ones one timing.
-        load = f"{load} (each the median of {meta['speed_runs']} runs)"
+        if "speed_runs" in meta:
+            # Since 2026-12-05 each figure is a median; older ones one timing.
+            load = f"{load} (each the median of {meta['speed_runs']} runs)"
     return load
 
 
