@@ -1038,14 +1038,17 @@ static blk_status_t abuse_queue_rq(struct blk_mq_hw_ctx *hctx,
 	wake = abuse_enqueued(dev, queued_ns);
 
 	/*
-	 * Wakes one GET sleeper, and every poller.  Sync: the submitter
-	 * usually sleeps next, so the worker may run on this CPU instead of
-	 * waking another one.  wq_has_sleeper() pairs with the barrier in
+	 * Wakes one GET sleeper, and every poller.  Not the sync variant:
+	 * it bets that the submitter sleeps next, but with a queue deep
+	 * enough the submitter goes on submitting and the woken worker
+	 * waits for its CPU (a backend that waits lost 2-5% to the hint, a
+	 * fast one nothing: docs/SCALING.md, "The 5 ms backend's
+	 * wake-ups").  wq_has_sleeper() pairs with the barrier in
 	 * abuse_ctl_poll().
 	 */
 	if (wake) {
 		abuse_count(dev, ABUSE_DS_WAKE_NOW, 1);
-		wake_up_interruptible_sync(&dev->get_wait);
+		wake_up_interruptible(&dev->get_wait);
 	}
 	if (wq_has_sleeper(&dev->poll_wait))
 		wake_up_interruptible(&dev->poll_wait);
