@@ -23,7 +23,7 @@ import statistics
 import time
 from typing import Callable
 
-__all__ = ["SPEED_RUNS", "median_loop_seconds", "python_loop_seconds"]
+__all__ = ["SPEED_RUNS", "median_loop_seconds"]
 
 LOOP_ADDITIONS = 10_000_000
 SPEED_RUNS = 3
