@@ -201,6 +201,10 @@ struct abuse_reply {
  * in which case it returns so after @timeout_ms without a request.  One
  * blocked GET is woken per queued request, the one that blocked last
  * first (so one busy worker keeps its requests and the others sleep).
+ * A GET that may block also leaves queued requests to a busy worker
+ * that keeps up with them, and waits on; with ABUSE_XFER_TIMEOUT it
+ * then returns after @timeout_ms with @nr_requests 0 even though
+ * requests are queued (a worker just calls again).
  * A signal ends a blocked GET with -ERESTARTSYS: it is restarted for a
  * handler with SA_RESTART, else fails with -EINTR; a PUT that answered
  * replies before its GET half was interrupted returns 0 instead, with

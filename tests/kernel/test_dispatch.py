@@ -485,6 +485,66 @@ def test_a_lead_that_waits_in_its_backend_does_not_hold_back_a_new_request(
         other.close()
 
 
+def _spinning_holder_child(index: int, ready_w: int) -> int:
+    """Fork a worker that takes one request, says so, then computes (spins) until killed."""
+    pid = os.fork()
+    if pid:
+        return pid
+    try:
+        worker = RawWorker(index)
+        got = worker.get(wait=True)
+        os.write(ready_w, bytes([len(got)]))
+        while True:
+            pass  # on a CPU, or waiting for one: a lead that computes
+    finally:
+        os._exit(1)
+
+
+def test_a_get_whose_wait_runs_out_leaves_the_queue_to_a_lead_that_keeps_up(
+    disks: Disks, no_lazy_wakeups: None
+) -> None:
+    """A GET whose wait ran out returns empty while the lead computes, runs and keeps up.
+
+    An idle worker's GET times out every few hundred ms (the pool's idle
+    wait); taking what was queued behind a busy lead made it the lead, and
+    at 1M the work moved between workers that way 5-12 times per 1,000
+    requests (docs/SCALING.md).  Once the lead stops, the same GET takes
+    the request at once.
+    """
+    config = disks.create(16 * PAGE, timeout_ms=LONG_TIMEOUT_MS)
+    dev = f"/dev/abuse{config.index}"
+    ready_r, ready_w = os.pipe()
+    first = Background(lambda: direct_read(dev, 0, PAGE))
+    pid = _spinning_holder_child(config.index, ready_w)
+    other = RawWorker(config.index)
+    try:
+        assert _read_byte(ready_r) == 1
+        second = Background(lambda: direct_read(dev, PAGE, PAGE))
+        wait_for(lambda: _waiting_for_io(second))
+        before = _dispatch(config.index)["deferred"]
+        assert other.get(wait=True, wait_ms=100) == [], "took a request from a lead that keeps up"
+        assert _dispatch(config.index)["deferred"] > before
+        os.kill(pid, signal.SIGSTOP)
+        wait_for(lambda: task_state(f"/proc/{pid}") == "T")
+        got = other.get(wait=True, wait_ms=100)
+        assert [request.offset for request in got] == [PAGE]
+        assert other.put([other.answer(got[0])]) == [0]
+        second.join()
+        os.kill(pid, signal.SIGKILL)  # its held read goes back to the queue
+        os.waitpid(pid, 0)
+        got = other.get(wait=True)
+        assert [request.offset for request in got] == [0]
+        assert other.put([other.answer(got[0])]) == [0]
+        first.join()
+    finally:
+        with contextlib.suppress(ProcessLookupError, ChildProcessError):
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        other.close()
+        os.close(ready_r)
+        os.close(ready_w)
+
+
 def _waiting_for_io(job: Background) -> bool:
     """Whether ``job``'s thread sleeps uninterruptibly: an O_DIRECT call submitted its requests."""
     return task_state(f"/proc/self/task/{job.tid}") == "D"
