@@ -1885,7 +1885,7 @@ static int abuse_get(struct abuse_device *dev, struct abuse_worker *w,
 	 * does once its wait ran out: it then returns empty.  An idle
 	 * worker's GET times out every few hundred ms, and taking what was
 	 * queued behind a lead that keeps up made it the lead; at 1M this
-	 * moved the work between workers 5-12 times per 1,000 requests,
+	 * moved the work between workers up to 12 times per 1,000 requests,
 	 * and four workers ran at 0.86-0.92x of one (docs/SCALING.md).
 	 */
 	may_defer = wait;

@@ -507,7 +507,7 @@ def test_a_get_whose_wait_runs_out_leaves_the_queue_to_a_lead_that_keeps_up(
 
     An idle worker's GET times out every few hundred ms (the pool's idle
     wait); taking what was queued behind a busy lead made it the lead, and
-    at 1M the work moved between workers that way 5-12 times per 1,000
+    at 1M the work moved between workers that way up to 12 times per 1,000
     requests (docs/SCALING.md).  Once the lead stops, the same GET takes
     the request at once.
     """
