@@ -214,20 +214,24 @@ def test_create_refuses_a_flag_past_fence(control: Control) -> None:
 # --- fencing ---------------------------------------------------------------
 
 
-def _holder_child(index: int, ready_w: int) -> int:
-    """Fork a process that attaches, takes one request, says so and then hangs."""
+def _holder_child(index: int, ready_w: int, spin: bool = False) -> int:
+    """Fork a process that attaches, takes one request, says so and then hangs.
+
+    It hangs asleep (wedged), or with ``spin`` on a CPU or waiting for
+    one (a lead that computes); either way it never answers.
+    """
     pid = os.fork()
     if pid:
         return pid
-    code = 1
     try:
         worker = RawWorker(index)
         got = worker.get(wait=True)
         os.write(ready_w, bytes([len(got)]))
         while True:
-            signal.pause()  # wedged: never answers
+            if not spin:
+                signal.pause()
     finally:
-        os._exit(code)
+        os._exit(1)
 
 
 def _read_byte(fd: int, timeout: float = 180) -> int:
@@ -485,21 +489,6 @@ def test_a_lead_that_waits_in_its_backend_does_not_hold_back_a_new_request(
         other.close()
 
 
-def _spinning_holder_child(index: int, ready_w: int) -> int:
-    """Fork a worker that takes one request, says so, then computes (spins) until killed."""
-    pid = os.fork()
-    if pid:
-        return pid
-    try:
-        worker = RawWorker(index)
-        got = worker.get(wait=True)
-        os.write(ready_w, bytes([len(got)]))
-        while True:
-            pass  # on a CPU, or waiting for one: a lead that computes
-    finally:
-        os._exit(1)
-
-
 def test_a_get_whose_wait_runs_out_leaves_the_queue_to_a_lead_that_keeps_up(
     disks: Disks, no_lazy_wakeups: None
 ) -> None:
@@ -515,7 +504,7 @@ def test_a_get_whose_wait_runs_out_leaves_the_queue_to_a_lead_that_keeps_up(
     dev = f"/dev/abuse{config.index}"
     ready_r, ready_w = os.pipe()
     first = Background(lambda: direct_read(dev, 0, PAGE))
-    pid = _spinning_holder_child(config.index, ready_w)
+    pid = _holder_child(config.index, ready_w, spin=True)
     other = RawWorker(config.index)
     try:
         assert _read_byte(ready_r) == 1
