@@ -16,7 +16,7 @@ disks with 1, 2 and 4 workers, and loop, by queue depth and on the
 worker-scaling jobs), ``batching`` (one worker, by requests per GET) and
 ``slow`` (a backend that sleeps 5 ms per request, bench/slow_backend.py,
 with 1, 4 and 16 workers at QD32, then as many bare processes that only
-sleep 5 ms: bench/sleep_ceiling.py).  ``ceph``, only when asked for (its
+sleep 5 ms: bench/sleep_ceiling.py; in SLOW_ROUNDS interleaved rounds).  ``ceph``, only when asked for (its
 cluster takes minutes to start under TCG): one single-node cluster
 (scripts/ceph-cluster), one 256 MiB image per target, written once, then
 abuse ``rbd:`` with 1 and 4 workers (and 4 at queue_depth=1, one librbd
@@ -51,6 +51,7 @@ from bench.jobs import (
     SCALE_WORKERS,
     SLOW_DELAY_S,
     SLOW_JOB,
+    SLOW_ROUNDS,
     SLOW_WORKERS,
     Job,
 )
@@ -413,18 +414,7 @@ def main(argv: list[str] | None = None) -> int:
                 factory = lambda b=batch: abuse_disk(args.size, "memory", 1, b)  # noqa: E731
                 failed += _measure(result, f"batch-{batch}", factory, BATCH_JOBS, args.runtime, fill)
         if "slow" in groups:
-            # Nothing to prefill: the backend stores nothing.
-            for workers in SLOW_WORKERS:
-                factory = lambda w=workers: abuse_disk(args.size, SLOW_BACKEND, w, args.batch)  # noqa: E731
-                failed += _measure(result, f"slow-{workers}w", factory, [SLOW_JOB], args.runtime, False)
-            ceiling = result["sleep_ceiling"] = {}
-            for workers in SLOW_WORKERS:
-                try:
-                    ceiling[str(workers)] = rate = sleeps_per_second(workers, args.runtime, SLOW_DELAY_S)
-                except Exception as err:  # the ceiling is context: it must not cost the groups after it
-                    failed += _failed(result, f"sleepers-{workers}", err)
-                    continue
-                print(f"bench:   {workers} bare sleepers {rate:10.0f} sleeps/s", flush=True)
+            failed += _measure_slow(result, args)
         if "ceph" in groups:
             with ceph_cluster() as conf:
                 for name, factory in ceph_targets(conf, args.batch).items():
@@ -454,26 +444,79 @@ def _measure_side_by_side(
     # For the report: which targets' runs pair up round by round.
     result.setdefault("side_by_side", []).extend(factories)
     with contextlib.ExitStack() as stack:
-        devices: dict[str, Device] = {}
-        for name, factory in factories.items():
-            print(f"bench: {name}", flush=True)
-            try:
-                device = stack.enter_context(factory())
-                if fill:
-                    prefill(device)
-                devices[name] = device
-            except Exception as err:  # one broken target must not lose the others
-                failed += _failed(result, name, err)
+        devices = _set_up(result, factories, fill, stack)
+        failed += len(factories) - len(devices)
         for turn in range(max(1, rounds)):
-            for job in jobs:
-                names = list(devices)
-                shift = turn % max(len(names), 1)
-                for name in names[shift:] + names[:shift]:
-                    try:
-                        _run_job(result, name, devices[name], job, runtime, f"round {turn + 1}")
-                    except Exception as err:
-                        failed += _failed(result, name, err)
-                        del devices[name]
+            failed += _run_round(result, devices, jobs, runtime, turn)
+    return failed
+
+
+def _set_up(
+    result: dict[str, Any], factories: dict[str, Any], fill: bool, stack: contextlib.ExitStack
+) -> dict[str, Device]:
+    """Every device of ``factories`` that came up, by name, kept up by ``stack``."""
+    devices: dict[str, Device] = {}
+    for name, factory in factories.items():
+        print(f"bench: {name}", flush=True)
+        try:
+            device = stack.enter_context(factory())
+            if fill:
+                prefill(device)
+            devices[name] = device
+        except Exception as err:  # one broken target must not lose the others
+            _failed(result, name, err)
+    return devices
+
+
+def _run_round(
+    result: dict[str, Any], devices: dict[str, Device], jobs: list[Job], runtime: int, turn: int
+) -> int:
+    """Round ``turn``: each job on every device, the ``turn``-th first; drops and counts the failed."""
+    failed = 0
+    for job in jobs:
+        names = list(devices)
+        shift = turn % max(len(names), 1)
+        for name in names[shift:] + names[:shift]:
+            try:
+                _run_job(result, name, devices[name], job, runtime, f"round {turn + 1}")
+            except Exception as err:
+                failed += _failed(result, name, err)
+                del devices[name]
+    return failed
+
+
+def _measure_slow(result: dict[str, Any], args: argparse.Namespace) -> int:
+    """The slow group: SLOW_ROUNDS rounds of each worker count, then as many bare sleepers.
+
+    The disks are up side by side (_measure_side_by_side), one round at
+    a time, and each round ends with the sleepers of every count, so the
+    median run of each cell and the median ceiling come from the same
+    minutes.  Nothing to prefill: the backend stores nothing.  Returns
+    how many targets failed.
+    """
+    failed = 0
+    factories = {
+        f"slow-{workers}w": lambda w=workers: abuse_disk(args.size, SLOW_BACKEND, w, args.batch)
+        for workers in SLOW_WORKERS
+    }
+    rates: dict[str, list[float]] = {str(workers): [] for workers in SLOW_WORKERS}
+    with contextlib.ExitStack() as stack:
+        devices = _set_up(result, factories, False, stack)
+        failed += len(factories) - len(devices)
+        for turn in range(SLOW_ROUNDS):
+            failed += _run_round(result, devices, [SLOW_JOB], args.runtime, turn)
+            for workers in SLOW_WORKERS:
+                try:
+                    rate = sleeps_per_second(workers, args.runtime, SLOW_DELAY_S)
+                except Exception as err:  # the ceiling is context: it must not cost the groups after it
+                    failed += _failed(result, f"sleepers-{workers}", err)
+                    continue
+                rates[str(workers)].append(rate)
+                print(f"bench:   {workers} bare sleepers {rate:10.0f} sleeps/s", flush=True)
+    result["sleep_ceiling_rounds"] = rates
+    result["sleep_ceiling"] = {
+        workers: sorted(found)[(len(found) - 1) // 2] for workers, found in rates.items() if found
+    }
     return failed
 
 

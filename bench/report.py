@@ -831,6 +831,9 @@ def _slow_table(raw: dict[str, Any], rows: list[Row]) -> list[str]:
     if not entries:
         return []
     ms = SLOW_DELAY_S * 1e3
+    slow_runs = [runs for (target, _), runs in _runs(raw).items() if target.startswith("slow-")]
+    rounds = max(map(len, slow_runs), default=1)
+    median = f" IOPS and bare sleepers: the median of {rounds} interleaved rounds." if rounds > 1 else ""
     lines = _section(
         f"A backend that sleeps {ms:g} ms per request: {SLOW_JOB.name}, by workers",
         [
@@ -846,7 +849,7 @@ def _slow_table(raw: dict[str, Any], rows: list[Row]) -> list[str]:
         ],
         f"Ideal: min(workers, QD{SLOW_JOB.queue_depth}) requests per {ms:g} ms. The most workers must reach "
         f"{SLOW_LEAST_IDEAL}x of the ideal and {SLOW_LEAST_VS_1W:g}x of 1 worker. Bare sleepers: as many"
-        f" processes that only sleep {ms:g} ms, in the same boot (this rig's ceiling; not judged).",
+        f" processes that only sleep {ms:g} ms, in the same boot (this rig's ceiling; not judged).{median}",
     )
     for entry in entries:
         lines.append(

@@ -629,3 +629,58 @@ def test_the_header_says_when_the_speed_figures_are_medians() -> None:
     raw.update(guest_speed_before=4.56, guest_speed_after=4.61, speed_runs=3)
     header = report.markdown(raw, report.rows_from_raw(raw))
     assert "4.56 s before the jobs, 4.61 s after (each the median of 3 runs)" in header
+
+
+def test_the_slow_table_takes_the_median_of_its_rounds() -> None:
+    raw = _slow_raw({1: 195.0, 16: 2400.0})
+    for iops in (2600.0, 2500.0):  # two more rounds of 16 workers: 2,500 is the median
+        raw["runs"].append(_with_p50(_run("slow-16w", "randread-4k-qd32", iops / CANNED_IOPS), 5200.0))
+    (*_, sixteen) = report.slow_backend(report.rows_from_raw(raw))
+    assert sixteen["iops"] == pytest.approx(2500.0)
+    assert "the median of 3 interleaved rounds" in report.markdown(raw, report.rows_from_raw(raw))
+    once = _slow_raw({1: 195.0})
+    assert "interleaved rounds" not in report.markdown(once, report.rows_from_raw(once))
+
+
+def test_the_guest_runs_the_slow_cells_in_rounds_with_the_sleepers_between(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    import argparse
+    import contextlib
+
+    from bench import guest
+    from bench.jobs import SLOW_ROUNDS, SLOW_WORKERS
+
+    events: list[str] = []
+
+    @contextlib.contextmanager
+    def fake_disk(size: int, backend: str, workers: int, batch: int) -> Any:
+        events.append(f"up {workers}")
+        yield guest.Device(f"/dev/fake{workers}", [])
+        events.append(f"down {workers}")
+
+    def fake_run_job(result: dict[str, Any], name: str, *rest: Any) -> None:
+        events.append(f"run {name}")
+        result["runs"].append({"target": name})
+
+    rates = iter([100.0, 400.0, 1600.0, 300.0, 500.0, 1500.0, 200.0, 600.0, 1700.0])
+
+    def fake_sleepers(processes: int, seconds: float, delay: float) -> float:
+        events.append(f"sleep {processes}")
+        return next(rates)
+
+    monkeypatch.setattr(guest, "abuse_disk", fake_disk)
+    monkeypatch.setattr(guest, "_run_job", fake_run_job)
+    monkeypatch.setattr(guest, "sleeps_per_second", fake_sleepers)
+    assert SLOW_ROUNDS == 3 and SLOW_WORKERS == (1, 4, 16)  # the canned rates above assume them
+    result: dict[str, Any] = {"runs": []}
+    args = argparse.Namespace(size=1 << 20, batch=64, runtime=1)
+    assert guest._measure_slow(result, args) == 0
+    assert events[:3] == ["up 1", "up 4", "up 16"] and events[-3:] == ["down 16", "down 4", "down 1"]
+    rounds = events[3:-3]
+    assert rounds[:6] == ["run slow-1w", "run slow-4w", "run slow-16w", "sleep 1", "sleep 4", "sleep 16"]
+    assert rounds[6:9] == ["run slow-4w", "run slow-16w", "run slow-1w"]  # each round starts one disk later
+    assert len(rounds) == 18
+    assert result["sleep_ceiling"] == {"1": 200.0, "4": 500.0, "16": 1600.0}
+    assert result["sleep_ceiling_rounds"]["16"] == [1600.0, 1500.0, 1700.0]
+    assert "side_by_side" not in result  # judged by medians, not paired round by round
