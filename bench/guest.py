@@ -16,7 +16,7 @@ disks with 1, 2 and 4 workers, and loop, by queue depth and on the
 worker-scaling jobs), ``batching`` (one worker, by requests per GET) and
 ``slow`` (a backend that sleeps 5 ms per request, bench/slow_backend.py,
 with 1, 4 and 16 workers at QD32, then as many bare processes that only
-sleep 5 ms: bench/sleep_ceiling.py; in SLOW_ROUNDS interleaved rounds).  ``ceph``, only when asked for (its
+sleep 5 ms, bench/sleep_ceiling.py, in SLOW_ROUNDS rounds).  ``ceph``, only when asked for (its
 cluster takes minutes to start under TCG): one single-node cluster
 (scripts/ceph-cluster), one 256 MiB image per target, written once, then
 abuse ``rbd:`` with 1 and 4 workers (and 4 at queue_depth=1, one librbd

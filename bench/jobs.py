@@ -83,8 +83,10 @@ SLOW_DELAY_S = 0.005
 SLOW_WORKERS = (1, 4, 16)
 SLOW_JOB = Job("randread-4k-qd32", "randread", "4k", 32)
 # Each slow cell, and the bare sleepers beside it, is measured this many
-# times, interleaved, and the report takes the median: single runs of the
-# same tree moved from 2,287 to 2,734 IOPS between boots.
+# times, interleaved, and the report takes the median run, so that one
+# slow minute of the rig does not decide it.  (Three runs in one boot
+# stayed within 1%; three boots of the same tree on 6.1 gave 2,487-2,599
+# IOPS: between boots the rig moves more, as the guest's speed figures say.)
 SLOW_ROUNDS = 3
 
 # The ceph group: abuse rbd: with 1 and 4 workers, rbd-nbd and krbd on
