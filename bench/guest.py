@@ -491,8 +491,9 @@ def _measure_slow(result: dict[str, Any], args: argparse.Namespace) -> int:
     The disks are up side by side (_measure_side_by_side), one round at
     a time, and each round ends with the sleepers of every count, so the
     median run of each cell and the median ceiling come from the same
-    minutes.  Nothing to prefill: the backend stores nothing.  Returns
-    how many targets failed.
+    minutes (the disks' idle workers wake five times a second meanwhile,
+    as during the runs).  Nothing to prefill: the backend stores nothing.
+    Returns how many targets failed.
     """
     failed = 0
     factories = {
