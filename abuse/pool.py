@@ -38,14 +38,15 @@ every batch and every idle wake-up (:func:`worker_alive`, the Worker's
 ``alive_timeout`` seconds -- by default half the disk's request timeout,
 so that it dies before the kernel would requeue what it holds -- is
 SIGKILLed and respawned like any dead child; a SIGSTOPped or wedged
-worker is found so.  Its idle wait is then at most an eighth of the
-disk's timeout.  A child that has not attached yet holds nothing and is
-not judged so; but one that has not attached within ``start_timeout``
-(by default four times ``alive_timeout``, at least a minute) is hung
-at start -- in its backend's open, say, a store that does not answer --
-and is SIGKILLed and counted as a failed start, so that the slot gets a
-fresh child with back-off and a pool whose every child hangs at start
-gives up like one whose every child crashes.
+worker is found so.  Its idle wait is then at most a sixteenth of the
+disk's timeout (an eighth of ``alive_timeout``), and at most 5 s.  A
+child that has not attached yet holds nothing and is not judged so;
+but one that has not attached within ``start_timeout`` (by default
+four times ``alive_timeout``, at least a minute) is hung at start -- in
+its backend's open, say, a store that does not answer -- and is
+SIGKILLed and counted as a failed start, so that the slot gets a fresh
+child with back-off and a pool whose every child hangs at start gives
+up like one whose every child crashes.
 
 Fencing by the store: a backend whose :meth:`~abuse.Backend.open_worker`
 returns an identity for the worker (``rbd:``, its RADOS client address)
@@ -114,7 +115,14 @@ Target = Callable[[int, Backend, int], None]
 
 _READY = struct.Struct("=iiH")  # slot, pid, identity length; then the identity: one atomic pipe write
 _IDENTITY_MAX = 1024
-_IDLE_MS = 200  # a worker's longest idle wait when the disk has no timeout
+# A worker's longest idle wait (the disk has no timeout, or a long one).
+# Every idle wake-up runs a worker on a CPU that the busy one and the
+# submitters use: at 1M with 4 workers, waits of 200 ms cost the disk
+# about 5% against waits of 5 s
+# (bench/results/2026-12-05-1048-idle-wait-probe-6.1.0-57-amd64.txt).
+# A SIGTERM that comes just before the wait is seen at its end, well
+# within the pool's stop_timeout.
+_IDLE_MS = 5000
 
 
 @dataclass
@@ -171,10 +179,14 @@ def _alive_hook() -> Callable[[], None] | None:
 
 
 def idle_ms_for(timeout_ms: int) -> int:
-    """A worker's idle wait for a disk timeout: at most 1/8 of it, 200 ms without one."""
+    """A worker's idle wait for a disk timeout: 1/16 of it, at most 5 s (5 s without one).
+
+    The pool's default liveness limit is half the timeout, so an idle
+    worker stamps its slot 8 times within it.
+    """
     if timeout_ms <= 0:
         return _IDLE_MS
-    return max(1, min(_IDLE_MS, timeout_ms // 8))
+    return max(1, min(_IDLE_MS, timeout_ms // 16))
 
 
 @dataclass(frozen=True)
@@ -284,8 +296,9 @@ def serve_worker(index: int, backend: Backend, batch: int = DEFAULT_BATCH) -> No
     on a fresh :class:`~abuse.control.Control`.  Once attached it drops
     to the pool's credentials (if any), tells the supervisor it is ready
     (:func:`worker_ready`) and stamps its liveness slot after every batch
-    and idle wake-up; its idle wait is at most an eighth of the disk's
-    timeout (and a quarter of the pool's ``alive_timeout``).  Returns when SIGTERM
+    and idle wake-up; its idle wait is a sixteenth of the disk's timeout
+    (:func:`idle_ms_for`; at most an eighth of the pool's
+    ``alive_timeout``), at most 5 s.  Returns when SIGTERM
     arrives (after answering what it holds) or when the disk is
     destroyed; raises :class:`~abuse.AbuseError` if the control device
     or the disk cannot be used.
@@ -325,7 +338,7 @@ def _serve_attached(
             if link is not None and link.credentials is not None:
                 link.credentials.apply()  # attached as root; serve as the user
             if link is not None and link.alive_timeout > 0:
-                idle_ms = min(idle_ms, max(1, int(link.alive_timeout * 1000 / 4)))
+                idle_ms = min(idle_ms, max(1, int(link.alive_timeout * 1000 / 8)))
             worker_ready(identity)
             worker.serve(should_stop=should_stop, idle_ms=idle_ms, on_alive=_alive_hook())
         finally:

@@ -439,7 +439,7 @@ def _measure_side_by_side(
     than the effect measured (up to 1.7x over minutes under TCG).  Each
     round starts the rotation one device later, so none always runs
     first.  A device's idle workers sleep meanwhile (a wake-up per
-    worker every 200 ms), alike for every run.
+    worker every 5 s, the pool's idle wait), alike for every run.
     """
     failed = 0
     # For the report: which targets' runs pair up round by round.

@@ -448,11 +448,12 @@ def test_liveness_off_leaves_a_stopped_worker(tmp_path: Path) -> None:
     assert drive(pool, stop_it) == 0
 
 
-def test_idle_wait_is_an_eighth_of_the_timeout() -> None:
-    assert pool_module.idle_ms_for(0) == 200
-    assert pool_module.idle_ms_for(30_000) == 200
-    assert pool_module.idle_ms_for(800) == 100
+def test_idle_wait_is_a_sixteenth_of_the_timeout_at_most_5_s() -> None:
+    assert pool_module.idle_ms_for(0) == 5000  # no timeout
+    assert pool_module.idle_ms_for(30_000) == 1875  # abusectl create's default
+    assert pool_module.idle_ms_for(800) == 50
     assert pool_module.idle_ms_for(4) == 1
+    assert pool_module.idle_ms_for(600_000) == 5000
 
 
 def test_bad_alive_timeout() -> None:
