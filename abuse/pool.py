@@ -117,9 +117,10 @@ _READY = struct.Struct("=iiH")  # slot, pid, identity length; then the identity:
 _IDENTITY_MAX = 1024
 # A worker's longest idle wait (the disk has no timeout, or a long one).
 # Every idle wake-up runs a worker on a CPU that the busy one and the
-# submitters use: at 1M with 4 workers, waits of 200 ms cost the disk
-# about 5% against waits of 5 s
-# (bench/results/2026-12-05-1048-idle-wait-probe-6.1.0-57-amd64.txt).
+# submitters use, and may take the lead's work: with waits of 5 s
+# instead of 200 ms, 4 workers at 1M served 1.05x in one probe
+# (bench/results/2026-12-05-1048-idle-wait-probe-6.1.0-57-amd64.txt)
+# and their GETs slept as rarely as one worker's in the bench after it.
 # A SIGTERM that comes just before the wait is seen at its end, well
 # within the pool's stop_timeout.
 _IDLE_MS = 5000
