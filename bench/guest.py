@@ -17,8 +17,9 @@ worker-scaling jobs), ``batching`` (one worker, by requests per GET) and
 ``slow`` (a backend that sleeps 5 ms per request, bench/slow_backend.py,
 with 1, 4 and 16 workers at QD32, then as many bare processes that only
 sleep 5 ms, bench/sleep_ceiling.py, in SLOW_ROUNDS rounds).  ``ceph``,
-only when asked for (its cluster takes minutes to start under TCG): one single-node cluster
-(scripts/ceph-cluster), one 256 MiB image per target, written once, then
+only when asked for (its cluster takes minutes to start under TCG): one
+single-node cluster (scripts/ceph-cluster), one 256 MiB image per
+target, written once, then
 abuse ``rbd:`` with 1 and 4 workers (and 4 at queue_depth=1, one librbd
 call at a time per worker), rbd-nbd and krbd on the same jobs,
 reported as ratios to krbd.
@@ -492,8 +493,8 @@ def _measure_slow(result: dict[str, Any], args: argparse.Namespace) -> int:
     The disks are up side by side (_measure_side_by_side), one round at
     a time, and each round ends with the sleepers of every count, so the
     median run of each cell and the median ceiling come from the same
-    minutes (the disks' idle workers wake five times a second meanwhile,
-    as during the runs).  Nothing to prefill: the backend stores nothing.
+    minutes (the disks' idle workers wake every 5 s meanwhile, as during
+    the runs).  Nothing to prefill: the backend stores nothing.
     Returns how many targets failed.
     """
     failed = 0

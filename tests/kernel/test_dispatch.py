@@ -495,9 +495,9 @@ def test_a_get_whose_wait_runs_out_leaves_the_queue_to_a_lead_that_keeps_up(
     """A GET whose wait ran out returns empty while the lead computes, runs and keeps up.
 
     An idle worker's GET times out every few seconds (the pool's idle
-    wait, 200 ms until 2026-12-05); taking what was queued behind a busy lead made it the lead, and
-    at 1M the work moved between workers that way up to 12 times per 1,000
-    requests (docs/SCALING.md).  Once the lead stops, the same GET takes
+    wait, 200 ms until 2026-12-05); taking what was queued behind a busy
+    lead made it the lead, and at 1M the work moved between workers that
+    way up to 12 times per 1,000 requests (docs/SCALING.md).  Once the lead stops, the same GET takes
     the request at once.
     """
     config = disks.create(16 * PAGE, timeout_ms=LONG_TIMEOUT_MS)
